@@ -1,0 +1,39 @@
+"""Progress bars for every long step (rich, on stderr, with ETA).
+
+One shared console so bars, tables and messages never interleave badly. Bars are hidden when
+stderr is not a terminal (CI logs stay readable) or when ``QUANTAUDIT_QUIET=1``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+T = TypeVar("T")
+
+console = Console(stderr=True)
+
+
+def _enabled() -> bool:
+    return console.is_terminal and os.environ.get("QUANTAUDIT_QUIET") != "1"
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate ``items`` showing a bar with count, elapsed time and ETA."""
+    if not _enabled():
+        yield from items
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        yield from progress.track(items, total=total, description=description)

@@ -1,0 +1,1 @@
+"""Reports: terminal tables, JSON, Markdown and self-contained HTML."""
