@@ -74,3 +74,9 @@ def test_calibration_too_short_names_the_count(stories, tmp_path):
     path.write_text("A short calibration text.")
     with pytest.raises(UserError, match=r"fewer than one window of 256.*--calib-seq"):
         load_windows(path, stories.tokenizer, seq_len=256, role="calib")
+
+
+def test_calibration_samples_are_packed_full_windows(stories, shared_dir):
+    w = load_windows(shared_dir / "data" / "tinystories_sample.txt", stories.tokenizer, seq_len=256, role="calib")
+    assert (w.lengths == 256).all() and w.n == 1809 // 256  # 5 stories, 1809 tokens with BOS
+    assert (w.ids == stories.tokenizer.bos_token_id).sum() >= 4  # story boundaries inside samples

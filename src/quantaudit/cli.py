@@ -71,10 +71,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="write the statistics as JSON")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser(
+        "audit", help="quantize to every candidate format and audit each (the main job)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Quantize --model to each of --formats (calibrated on --calib), compare each with the "
+        "baseline on the same --eval windows, measure layer drift, per-layer sensitivity and activation "
+        "outliers, and write DIR/report.json, report.md and report.html. Exit code 0: the recommended "
+        "format meets --budget; 3: no format does; 2: bad input.",
+        epilog="example:\n  quantaudit audit --model smollm2-135m --formats fp8,int8_sq,int4_awq "
+        "--calib calib.txt --eval eval.txt --budget 'kld<=0.05' --out audit-out")
+    add_audit_arguments(p)
+    p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("demo", help="`audit` on the embedded default model and text, into ./audit-out",
+                       description="The README's main command: audit SmolLM2-135M on the default text.")
+    add_audit_arguments(p, out_default="audit-out")
+    p.set_defaults(func=cmd_audit)
+
     p = sub.add_parser("formats", help="list the quantization formats",
                        description="The formats quantaudit simulates, named as ModelOpt's --qformat.")
     p.set_defaults(func=cmd_formats)
     return parser
+
+
+def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
+    from .audit.budget import DEFAULT_BUDGET, METRICS
+    from .audit.settings import AuditSettings
+
+    d = AuditSettings()
+    _add_model_arg(p)
+    p.add_argument("--formats", default=",".join(d.formats),
+                   help="comma-separated formats (see `quantaudit formats`; default: %(default)s)")
+    p.add_argument("--kv-cache", default=d.kv_cache, choices=["none", "fp8", "int8"],
+                   help="KV-cache quantization applied with every format (default: %(default)s)")
+    p.add_argument("--calib", default=None, metavar="FILE", help="calibration text (default: embedded, calib half)")
+    p.add_argument("--calib-size", type=int, default=d.calib_size, help="calibration samples (default: %(default)s)")
+    p.add_argument("--calib-seq", type=int, default=d.calib_seq, help="tokens per sample (default: %(default)s)")
+    p.add_argument("--eval", default=None, metavar="FILE", help="evaluation text (default: embedded, eval half)")
+    p.add_argument("--windows", type=int, default=d.windows, metavar="N",
+                   help="evaluation windows (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per window (default: %(default)s)")
+    p.add_argument("--bos", choices=["auto", "doc", "none"], default=d.bos, help="BOS policy (default: auto)")
+    p.add_argument("--group-size", type=int, default=d.group_size,
+                   help="INT4 group size, 128 or 64; layers not divisible fall back (default: %(default)s)")
+    p.add_argument("--exclude", default="", help="fnmatch patterns of layers to keep unquantized, comma-separated")
+    p.add_argument("--budget", default=DEFAULT_BUDGET,
+                   help=f"accuracy budget, e.g. '%(default)s'; metrics: {', '.join(METRICS)}")
+    p.add_argument("--top-k", type=int, default=d.top_k,
+                   help="baseline log-probs kept per token (default: %(default)s; within 1%% of exact KLD)")
+    p.add_argument("--exact", action="store_true", help="keep the full-vocabulary baseline (exact KLD, more disk)")
+    p.add_argument("--drift-windows", type=int, default=d.drift_windows,
+                   help="windows for layer drift (0 = skip; default: %(default)s)")
+    p.add_argument("--sensitivity-granularity", default=d.sensitivity, choices=["linear", "decoder", "none"],
+                   help="quantize one linear or one decoder layer at a time (default: %(default)s)")
+    p.add_argument("--sensitivity-windows", type=int, default=d.sensitivity_windows,
+                   help="windows for the sensitivity sweep (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: automatic)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--out", default=out_default, required=out_default is None, metavar="DIR",
+                   help="output directory for report.json/.md/.html")
+    p.add_argument("--force", action="store_true", help="overwrite a previous run in --out")
+    p.add_argument("--resume", action="store_true", help="reuse the formats a previous run in --out finished")
+
+
+def cmd_audit(args) -> int:
+    from pathlib import Path
+
+    from .audit.run import run_audit
+    from .audit.settings import AuditSettings
+    from .report.terminal import audit_table
+
+    settings = AuditSettings(
+        model=args.model, formats=[f.strip() for f in args.formats.split(",") if f.strip()],
+        kv_cache=args.kv_cache, calib=args.calib, calib_size=args.calib_size, calib_seq=args.calib_seq,
+        eval=args.eval, windows=args.windows, seq_len=args.seq_len, bos=args.bos, group_size=args.group_size,
+        exclude=[p.strip() for p in args.exclude.split(",") if p.strip()], budget=args.budget, top_k=args.top_k,
+        exact=args.exact, drift_windows=args.drift_windows, sensitivity=args.sensitivity_granularity,
+        sensitivity_windows=args.sensitivity_windows, batch_size=args.batch_size, device=args.device,
+    )
+    report = run_audit(settings, Path(args.out), force=args.force, resume=args.resume)
+    console.print(audit_table(report))
+    rec = report["recommendation"]
+    console.print(("[green]" if rec["passed"] else "[red]") + rec["reason"])
+    console.print(f"reports: {args.out}/report.html, report.md, report.json")
+    return rec["exit_code"]
 
 
 def cmd_eval(args) -> int:

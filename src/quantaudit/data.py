@@ -169,7 +169,12 @@ def load_windows(
     bos: str = "auto",
     role: str = "eval",
 ) -> Windows:
-    """Read, tokenize and cut ``source`` (``None`` = the embedded default text for ``role``)."""
+    """Read, tokenize and cut ``source`` (``None`` = the embedded default text for ``role``).
+
+    ``role="eval"`` gives document-bounded windows (see the module docstring); ``role="calib"``
+    packs all documents into one stream and cuts full ``seq_len`` samples, so no calibration
+    statistic ever includes padding.
+    """
     if seq_len < 2:
         raise UserError(f"--seq-len must be at least 2 (got {seq_len})")
     if n_windows is not None and n_windows < 1:
@@ -186,8 +191,16 @@ def load_windows(
         raise UserError(
             f"{name} has {total} tokens, fewer than one window of {seq_len}: give more text or a smaller {flag}"
         )
-    pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
-    ids, lengths = cut_windows(tokenized, seq_len, pad_id)
+    if role == "calib":
+        # Calibration samples are packed (documents joined, full windows only), as ModelOpt and
+        # llm-compressor build them: statistics never see padding.
+        stream = [t for ids in tokenized for t in ids]
+        n = len(stream) // seq_len
+        ids = torch.tensor(stream[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
+        lengths = torch.full((n,), seq_len, dtype=torch.long)
+    else:
+        pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+        ids, lengths = cut_windows(tokenized, seq_len, pad_id)
     if n_windows is not None:
         ids, lengths = ids[:n_windows], lengths[:n_windows]
     return Windows(ids=ids, lengths=lengths, source=name, bos=bos, stream_tokens=total, meta={"requested": n_windows})

@@ -1,7 +1,7 @@
-"""Progress bars for every long step (rich, on stderr, with ETA).
+"""Terminal output: results on stdout (``console``), progress bars with ETA on stderr.
 
-One shared console so bars, tables and messages never interleave badly. Bars are hidden when
-stderr is not a terminal (CI logs stay readable) or when ``QUANTAUDIT_QUIET=1``.
+Bars are hidden when stderr is not a terminal (CI logs stay readable) or when
+``QUANTAUDIT_QUIET=1``; tables and verdicts always go to stdout, so they can be piped.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 T = TypeVar("T")
 
-console = Console(stderr=True)
+console = Console()
+status_console = Console(stderr=True)
 
 
 def _enabled() -> bool:
-    return console.is_terminal and os.environ.get("QUANTAUDIT_QUIET") != "1"
+    return status_console.is_terminal and os.environ.get("QUANTAUDIT_QUIET") != "1"
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
@@ -35,5 +36,5 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*columns, console=status_console, transient=True) as progress:
         yield from progress.track(items, total=total, description=description)

@@ -21,3 +21,65 @@ def formats_table() -> Table:
         a = f"{dtype_label(f.act)} per {f.act.granularity} ({'dynamic' if f.act.dynamic else 'static'})" if f.act else "-"
         table.add_row(f.name, w, a, f.algorithm, f.trtllm_quant_algo or "-")
     return table
+
+
+def _pm(value: float, unc: float | None, fmt: str = ".4f") -> str:
+    return f"{value:{fmt}} ± {unc:{fmt}}" if unc is not None else f"{value:{fmt}}"
+
+
+def perplexity_table(result: dict) -> Table:
+    ev = result["eval"]
+    table = Table(title=f"{result['model']} on {ev['source']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("perplexity", _pm(result["ppl"], result["ppl_unc"]))
+    table.add_row("tokens scored", f"{result['tokens']:,} ({ev['windows']} windows × ≤{ev['seq_len']}, BOS: {ev['bos']})")
+    table.add_row("tokens/s", f"{result['tokens_per_s']:,.0f}")
+    return table
+
+
+def paired_table(stats: dict, title: str) -> Table:
+    """llama.cpp's ``--kl-divergence`` summary, one statistic a row."""
+    table = Table(title=title)
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    kld, rev, dp = stats["kld"], stats["kld_reverse"], stats["delta_p"]
+    rows = [
+        ("tokens", f"{stats['tokens']:,}"),
+        ("PPL(base)", _pm(stats["ppl_base"], stats["ppl_base_unc"])),
+        ("PPL(candidate)", _pm(stats["ppl"], stats["ppl_unc"])),
+        ("PPL ratio", _pm(stats["ppl_ratio"], stats["ppl_ratio_unc"], ".5f")),
+        ("ln(PPL ratio)", _pm(stats["ln_ppl_ratio"], stats["ln_ppl_ratio_unc"], ".5f")),
+        ("log-prob correlation", f"{stats['logprob_correlation']:.5f}" if stats["logprob_correlation"] is not None else "-"),
+        ("mean KLD(base‖cand)", _pm(kld["mean"], kld["unc"], ".6f")),
+    ]
+    rows += [(f"  KLD {k}", f"{kld[k]:.6f}") for k in ("max", "p99.9", "p99", "p95", "p90", "median", "p10", "p5", "p1", "p0.1", "min")]
+    rows += [
+        ("mean KLD(cand‖base)", _pm(rev["mean"], rev["unc"], ".6f")),
+        ("  KLD(cand‖base) p99 / max", f"{rev['p99']:.6f} / {rev['max']:.6f}"),
+        ("same top-1", f"{100 * stats['top1']:.3f} ± {100 * stats['top1_unc']:.3f} %"),
+        ("mean Δp", f"{100 * dp['mean']:.3f} ± {100 * dp['unc']:.3f} %"),
+        ("RMS Δp", f"{100 * dp['rms']:.3f} ± {100 * dp['rms_unc']:.3f} %"),
+    ]
+    rows += [(f"  Δp {k}", f"{100 * dp[k]:.3f} %") for k in ("max", "p99", "p95", "p90", "median", "p10", "p5", "p1", "min")]
+    if stats.get("baseline_top_k"):
+        rows.append(("baseline kept", f"top-{stats['baseline_top_k']} log-probs + tail bin"))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def audit_table(report: dict) -> Table:
+    base = report["baseline"]
+    table = Table(title=f"audit of {report['model']['name']}: baseline PPL {base['ppl']:.3f}, "
+                        f"{base['weight_bytes'] / 2**20:.1f} MiB fp16 weights")
+    for col in ("format", "PPL", "PPL ratio", "mean KLD", "KLD p99", "top-1", "RMS Δp", "weights MiB", "×", "verdict"):
+        table.add_column(col, justify="left" if col in ("format", "verdict") else "right")
+    recommended = report["recommendation"].get("format")
+    for f in report["formats"]:
+        verdict = "[green]PASS[/green]" if f["passed"] else "[red]FAIL[/red] " + "; ".join(f["failed"])
+        name = f"[bold]{f['name']}[/bold] ★" if f["name"] == recommended else f["name"]
+        table.add_row(name, f"{f['ppl']:.3f}", f"{f['ppl_ratio']:.4f}", f"{f['kld']['mean']:.5f}",
+                      f"{f['kld']['p99']:.4f}", f"{100 * f['top1']:.2f}%", f"{100 * f['delta_p']['rms']:.2f}%",
+                      f"{f['weight_bytes'] / 2**20:.1f}", f"{f['compression']:.2f}", verdict)
+    return table

@@ -1,0 +1,1 @@
+"""The audit: orchestration, budgets, drift, sensitivity, outliers."""

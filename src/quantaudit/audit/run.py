@@ -1,0 +1,220 @@
+"""``quantaudit audit``: quantize to every candidate format, audit each against one baseline pass.
+
+Order of work, chosen so that everything shared is computed once:
+
+1. the baseline's log-probs on the evaluation windows (top-K cache, :mod:`quantaudit.baseline`);
+2. the activation-outlier audit on the calibration windows (base model, once);
+3. per format: quantize (calibrated on the user's text), paired statistics against the cached
+   baseline, decoder-layer and linear-layer drift, per-layer sensitivity, memory, verdict.
+   Each finished format is saved to ``DIR/formats/NAME.json`` at once (atomically), so an
+   interrupted audit loses at most the format in flight and ``--resume`` picks up from there;
+4. the recommendation, then ``report.json``, ``report.md`` and ``report.html``, each written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..data import Windows, load_windows
+from ..errors import EXIT_BUDGET_FAILED, EXIT_OK, UserError
+from ..evaluate import build_baseline, compare_to_baseline
+from ..fileio import atomic_write_json, atomic_write_text
+from ..models import LoadedModel, load_model
+from ..progress import console
+from ..quant import QuantSpec, quantize
+from ..quant.formats import get_format
+from .budget import Limit, check_budget
+from .drift import layer_drift
+from .outliers import activation_outliers
+from .sensitivity import decoder_index, decoder_stack, sensitivity_kld
+from .settings import AuditSettings, validate
+
+SENSITIVITY_TOP = 10
+REPORT_FILES = ("report.json", "report.md", "report.html")
+
+
+def prepare_out_dir(out: Path, force: bool, resume: bool) -> None:
+    """Refuse to overwrite another run's report unless asked to."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (force or resume):
+        raise UserError(f"--out {out} already holds another run: pass --force to overwrite or --resume to continue it")
+    if force and not resume:
+        for name in REPORT_FILES:
+            (out / name).unlink(missing_ok=True)
+        for f in (out / "formats").glob("*.json") if (out / "formats").is_dir() else ():
+            f.unlink()
+    (out / "formats").mkdir(parents=True, exist_ok=True)
+
+
+def _drift_points(model: torch.nn.Module, linear_names: list[str]) -> dict[str, str]:
+    layers, _, _ = decoder_stack(model)
+    points = {f"decoder.{i}": f"model.layers.{i}" for i in range(len(layers))}
+    points.update({name: name for name in linear_names})
+    return points
+
+
+def _sensitivity_swaps(qmodel: torch.nn.Module, linear_names: list[str], granularity: str) -> dict[str, dict]:
+    if granularity == "linear":
+        return {name: {name: qmodel.get_submodule(name)} for name in linear_names}
+    by_layer: dict[str, dict] = {}
+    for name in linear_names:
+        i = decoder_index(name)
+        by_layer.setdefault(f"model.layers.{i}", {})[name] = qmodel.get_submodule(name)
+    return by_layer
+
+
+def audit_format(name: str, lm: LoadedModel, calib: Windows, eval_windows: Windows, baseline,
+                 settings: AuditSettings, limits: list[Limit]) -> dict:
+    """Everything the report says about one format."""
+    fmt = get_format(name)
+    spec = QuantSpec(format=name, kv_cache=settings.kv_cache, group_size=settings.group_size,
+                     exclude=settings.exclude)
+    started = time.perf_counter()
+    qm = quantize(lm.model, spec, calib)
+    quantize_seconds = time.perf_counter() - started
+    stats = compare_to_baseline(baseline, qm.model, eval_windows, settings.batch_size)
+    records = qm.layers
+    linear_names = list(records)
+    quantized = [n for n in linear_names if records[n].fallback_reason is None and records[n].format != "none"]
+    drift = layer_drift(lm.model, qm.model, eval_windows.subset(settings.drift_windows),
+                        _drift_points(lm.model, linear_names)) if settings.drift_windows else {}
+    sensitivity = {}
+    if settings.sensitivity != "none" and quantized:
+        swaps = _sensitivity_swaps(qm.model, quantized, settings.sensitivity)
+        sensitivity = sensitivity_kld(lm.model, swaps, eval_windows.subset(settings.sensitivity_windows),
+                                      description=f"sensitivity {name}")
+    n_decoder = len(decoder_stack(lm.model)[0])
+    entry = {
+        "name": name,
+        "description": fmt.description,
+        "trtllm_quant_algo": fmt.trtllm_quant_algo,
+        "kv_cache": settings.kv_cache,
+        "ppl": stats["ppl"], "ppl_unc": stats["ppl_unc"],
+        "ppl_ratio": stats["ppl_ratio"], "ppl_ratio_unc": stats["ppl_ratio_unc"],
+        "ln_ppl_ratio": stats["ln_ppl_ratio"], "ln_ppl_ratio_unc": stats["ln_ppl_ratio_unc"],
+        "kld": stats["kld"], "kld_reverse": stats["kld_reverse"],
+        "top1": stats["top1"], "top1_unc": stats["top1_unc"], "delta_p": stats["delta_p"],
+        "baseline_top_k": stats["baseline_top_k"],
+        "weight_bytes": qm.weight_bytes(),
+        "kv_bytes_per_token": qm.kv_bytes_per_token(),
+        "quantize_seconds": quantize_seconds,
+        "eval_seconds": stats["seconds"],
+        "eval_tokens_per_s": stats["tokens_per_s"],
+        "calib": qm.calib_info,
+        "fallback_layers": [
+            {"name": n, "format": r.format, "reason": r.fallback_reason}
+            for n, r in records.items() if r.fallback_reason is not None
+        ],
+        "decoder_layers": [{"index": i, **drift[f"decoder.{i}"]} for i in range(n_decoder) if f"decoder.{i}" in drift],
+        "layers": [
+            {"name": n, "decoder_layer": decoder_index(n), "format": records[n].format,
+             **drift.get(n, {"drift_rel": None, "cosine": None}),
+             "sensitivity_kld": sensitivity.get(n, sensitivity.get(f"model.layers.{decoder_index(n)}"))}
+            for n in linear_names
+        ],
+    }
+    if settings.sensitivity == "decoder":
+        entry["decoder_sensitivity"] = {k: v for k, v in sensitivity.items()}
+    entry["failed"] = check_budget(entry, limits)
+    entry["passed"] = not entry["failed"]
+    del qm
+    return entry
+
+
+def recommend(formats: list[dict], limits: list[Limit]) -> dict:
+    """The cheapest passing format; if none passes, the closest one and the layers to keep high."""
+    passing = sorted((f for f in formats if f["passed"]), key=lambda f: f["weight_bytes"])
+    if passing:
+        best = passing[0]
+        return {"format": best["name"], "passed": True, "exit_code": EXIT_OK, "keep_high_precision": [],
+                "reason": f"cheapest format meeting the budget ({', '.join(map(str, limits))}): "
+                          f"{best['weight_bytes'] / 2**20:.1f} MiB of weights, mean KLD {best['kld']['mean']:.4g}"}
+    closest = min(formats, key=lambda f: f["kld"]["mean"])
+    ranked = sorted((l for l in closest["layers"] if l["sensitivity_kld"] is not None),
+                    key=lambda l: -l["sensitivity_kld"])
+    keep = [l["name"] for l in ranked[:SENSITIVITY_TOP]]
+    return {
+        "format": None, "passed": False, "exit_code": EXIT_BUDGET_FAILED, "closest": closest["name"],
+        "keep_high_precision": keep,
+        "reason": (f"no format meets the budget ({', '.join(map(str, limits))}); closest is {closest['name']} "
+                   f"({'; '.join(closest['failed'])}). Its most sensitive layers are listed to keep in higher "
+                   "precision; `quantaudit autotune` verifies such a plan by measurement."),
+    }
+
+
+def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: bool = False) -> dict:
+    """Run the whole audit and write the report files; returns the report dict."""
+    limits = validate(settings)
+    prepare_out_dir(out, force, resume)
+    lm = load_model(settings.model, device=settings.device)
+    eval_windows = load_windows(settings.eval, lm.tokenizer, settings.seq_len, settings.windows, settings.bos)
+    calib = load_windows(settings.calib, lm.tokenizer, settings.calib_seq, settings.calib_size, settings.bos,
+                         role="calib")
+    baseline = build_baseline(lm, eval_windows, k=settings.top_k, exact=settings.exact,
+                              batch_size=settings.batch_size)
+    linears = quantizable_linear_modules(lm.model)
+    outliers = activation_outliers(lm.model, linears, calib)
+    key = settings.fingerprint()
+    formats = []
+    for name in settings.formats:
+        saved = out / "formats" / f"{name}.json"
+        if resume and saved.is_file():
+            record = json.loads(saved.read_text())
+            if record.get("settings_fingerprint") == key:
+                console.print(f"[dim]{name}: reusing the finished result in {saved}[/dim]")
+                formats.append(record["entry"])
+                continue
+        console.print(f"[bold]{name}[/bold]: {get_format(name).description}")
+        entry = audit_format(name, lm, calib, eval_windows, baseline, settings, limits)
+        atomic_write_json(saved, {"settings_fingerprint": key, "entry": entry})
+        formats.append(entry)
+    for entry in formats:  # the budget may have changed since a resumed format was saved
+        entry["failed"] = check_budget(entry, limits)
+        entry["passed"] = not entry["failed"]
+    baseline_bytes = fp16_weight_bytes(lm.model)
+    for entry in formats:
+        entry["compression"] = baseline_bytes / entry["weight_bytes"]
+    report = {
+        "schema_version": 1,
+        "quantaudit_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint,
+                  "architecture": type(lm.model).__name__,
+                  "params": sum(p.numel() for p in lm.model.parameters()),
+                  "decoder_layers": len(decoder_stack(lm.model)[0]), "linear_layers": len(linears)},
+        "eval": eval_windows.describe(),
+        "calib": {**calib.describe(), "samples": calib.n},
+        "settings": {**asdict(settings), "baseline_top_k": baseline.top_k},
+        "budget": [l.as_dict() for l in limits],
+        "baseline": {**baseline.ppl, "weight_bytes": baseline_bytes,
+                     "kv_bytes_per_token": kv_bytes_per_token(lm.model.config, 16)},
+        "formats": formats,
+        "sensitivity_top": {
+            f["name"]: sorted(({"name": l["name"], "sensitivity_kld": l["sensitivity_kld"]}
+                               for l in f["layers"] if l["sensitivity_kld"] is not None),
+                              key=lambda l: -l["sensitivity_kld"])[:SENSITIVITY_TOP]
+            for f in formats
+        },
+        "outliers": outliers,
+        "recommendation": recommend(formats, limits),
+    }
+    write_report(report, out)
+    return report
+
+
+def write_report(report: dict, out: Path) -> None:
+    from ..report.html import render_html
+    from ..report.markdown import render_markdown
+
+    atomic_write_text(out / "report.md", render_markdown(report))
+    atomic_write_text(out / "report.html", render_html(report))
+    atomic_write_json(out / "report.json", report)  # last: its presence means the run finished

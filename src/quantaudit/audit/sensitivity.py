@@ -1,0 +1,99 @@
+"""Per-layer sensitivity: the KL divergence when only one layer is quantized and the rest stays baseline.
+
+This is the ranking ModelOpt's ``auto_quantize`` and Intel Neural Compressor's op-wise fallback
+are built on: it names the layers worth keeping in higher precision. The quantized layer is the
+very module the full quantized model uses (same codes and scales), swapped into the baseline.
+
+Cost: a naive sweep runs the whole model once per layer. Here the baseline runs once per window
+with pre-hooks recording each decoder layer's inputs (hidden states and the keyword arguments the
+model passes: rotary embeddings, masks); a swap then replays only the decoder layers from the
+swapped one onward, then the final norm and the LM head. On average that halves the cost.
+KL(base||swapped) is full-vocabulary, with the metric definition of :mod:`quantaudit.metrics`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from ..data import Windows
+from ..metrics import summarize_logits, token_statistics
+from ..progress import track
+
+
+def decoder_stack(model: torch.nn.Module):
+    """(decoder layers ModuleList, final norm, lm_head) of a Llama-family HF causal LM."""
+    return model.model.layers, model.model.norm, model.lm_head
+
+
+def _set_module(root: torch.nn.Module, path: str, module: torch.nn.Module) -> torch.nn.Module:
+    parent_path, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    old = getattr(parent, attr)
+    setattr(parent, attr, module)
+    return old
+
+
+@contextmanager
+def swapped(root: torch.nn.Module, replacements: dict[str, torch.nn.Module]):
+    """Temporarily put ``replacements`` (module path -> module) into ``root``."""
+    originals = {path: _set_module(root, path, m) for path, m in replacements.items()}
+    try:
+        yield
+    finally:
+        for path, m in originals.items():
+            _set_module(root, path, m)
+
+
+def decoder_index(path: str) -> int:
+    parts = path.split(".")
+    return int(parts[parts.index("layers") + 1])
+
+
+def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.inference_mode()
+def sensitivity_kld(base: torch.nn.Module, swaps: dict[str, dict[str, torch.nn.Module]],
+                    windows: Windows, description: str = "sensitivity") -> dict[str, float]:
+    """Mean per-token KL(base||base with one swap) for each entry of ``swaps``.
+
+    ``swaps`` maps a report name (a linear or decoder layer) to the module replacements that
+    quantize just that part.
+    """
+    layers, norm, lm_head = decoder_stack(base)
+    device = next(base.parameters()).device
+    totals = {name: 0.0 for name in swaps}
+    tokens = 0
+    starts = {name: min(decoder_index(p) for p in repl) for name, repl in swaps.items()}
+    steps = [(i, name) for i in range(windows.n) for name in swaps]
+    progress = iter(track(steps, description, total=len(steps)))
+    for i in range(windows.n):
+        length = int(windows.lengths[i])
+        ids = windows.ids[i : i + 1, :length].to(device)
+        targets = ids[0, 1:]
+        inputs: list[tuple[tuple, dict]] = []
+        hooks = [
+            layer.register_forward_pre_hook(lambda _m, a, kw: inputs.append((a, kw)), with_kwargs=True)
+            for layer in layers
+        ]
+        try:
+            base_logits = base(input_ids=ids, use_cache=False).logits[0, :-1]
+        finally:
+            for h in hooks:
+                h.remove()
+        reference = summarize_logits(base_logits, targets, k=None)
+        tokens += targets.numel()
+        for name, replacements in swaps.items():
+            next(progress)
+            hidden = _hidden_states(*inputs[starts[name]])
+            with swapped(base, replacements):
+                for j in range(starts[name], len(layers)):
+                    args, kwargs = inputs[j]
+                    out = layers[j](hidden, *args[1:], **{k: v for k, v in kwargs.items() if k != "hidden_states"})
+                    hidden = out[0] if isinstance(out, tuple) else out
+                logits = lm_head(norm(hidden))[0, :-1]
+            totals[name] += float(token_statistics(reference, logits, targets)["kld"].double().sum())
+    return {name: total / tokens for name, total in totals.items()}
