@@ -21,6 +21,7 @@ import torch
 
 from ..data import Windows
 from ..progress import track
+from .sensitivity import decoder_index
 
 # INT8 per-tensor: the median channel keeps 127 / ratio levels; below 8 levels (3 bits) its
 # rounding error dominates the layer's error. FP8 E4M3 is floating point, so its relative step is
@@ -98,7 +99,7 @@ def activation_outliers(model: torch.nn.Module, linears: dict[str, torch.nn.Line
         flag, remedy = _remedy(name, ratio)
         report.append({
             "name": name,
-            "decoder_layer": _decoder_index(name),
+            "decoder_layer": decoder_index(name),
             "channels": cmax.numel(),
             "max_abs": float(cmax.max()),
             "median_channel_max": median,
@@ -113,10 +114,3 @@ def activation_outliers(model: torch.nn.Module, linears: dict[str, torch.nn.Line
         })
     return sorted(report, key=lambda r: -r["ratio"])
 
-
-def _decoder_index(name: str) -> int | None:
-    parts = name.split(".")
-    for a, b in zip(parts, parts[1:]):
-        if a == "layers" and b.isdigit():
-            return int(b)
-    return None

@@ -161,8 +161,9 @@ def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: b
                          role="calib")
     baseline = build_baseline(lm, eval_windows, k=settings.top_k, exact=settings.exact,
                               batch_size=settings.batch_size)
-    linears = quantizable_linear_modules(lm.model)
-    outliers = activation_outliers(lm.model, linears, calib)
+    unquantized = quantize(lm.model, QuantSpec(format="none"), None, progress=False)
+    linears = {name: lm.model.get_submodule(name) for name in unquantized.layers}
+    outliers = activation_outliers(lm.model, {n: m for n, m in linears.items() if n != "lm_head"}, calib)
     key = settings.fingerprint()
     formats = []
     for name in settings.formats:
@@ -180,7 +181,7 @@ def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: b
     for entry in formats:  # the budget may have changed since a resumed format was saved
         entry["failed"] = check_budget(entry, limits)
         entry["passed"] = not entry["failed"]
-    baseline_bytes = fp16_weight_bytes(lm.model)
+    baseline_bytes = unquantized.weight_bytes()
     for entry in formats:
         entry["compression"] = baseline_bytes / entry["weight_bytes"]
     report = {
@@ -196,7 +197,7 @@ def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: b
         "settings": {**asdict(settings), "baseline_top_k": baseline.top_k},
         "budget": [l.as_dict() for l in limits],
         "baseline": {**baseline.ppl, "weight_bytes": baseline_bytes,
-                     "kv_bytes_per_token": kv_bytes_per_token(lm.model.config, 16)},
+                     "kv_bytes_per_token": unquantized.kv_bytes_per_token()},
         "formats": formats,
         "sensitivity_top": {
             f["name"]: sorted(({"name": l["name"], "sensitivity_kld": l["sensitivity_kld"]}

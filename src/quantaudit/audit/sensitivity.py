@@ -20,11 +20,12 @@ import torch
 from ..data import Windows
 from ..metrics import summarize_logits, token_statistics
 from ..progress import track
+from ..quant.calibrate import decoder_layers
 
 
 def decoder_stack(model: torch.nn.Module):
     """(decoder layers ModuleList, final norm, lm_head) of a Llama-family HF causal LM."""
-    return model.model.layers, model.model.norm, model.lm_head
+    return decoder_layers(model), model.model.norm, model.lm_head
 
 
 def _set_module(root: torch.nn.Module, path: str, module: torch.nn.Module) -> torch.nn.Module:
@@ -46,9 +47,13 @@ def swapped(root: torch.nn.Module, replacements: dict[str, torch.nn.Module]):
             _set_module(root, path, m)
 
 
-def decoder_index(path: str) -> int:
+def decoder_index(path: str) -> int | None:
+    """The decoder layer a module path belongs to (``model.layers.3.mlp.up_proj`` -> 3), else None."""
     parts = path.split(".")
-    return int(parts[parts.index("layers") + 1])
+    for a, b in zip(parts, parts[1:]):
+        if a == "layers" and b.isdigit():
+            return int(b)
+    return None
 
 
 def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -67,7 +72,9 @@ def sensitivity_kld(base: torch.nn.Module, swaps: dict[str, dict[str, torch.nn.M
     device = next(base.parameters()).device
     totals = {name: 0.0 for name in swaps}
     tokens = 0
-    starts = {name: min(decoder_index(p) for p in repl) for name, repl in swaps.items()}
+    # replay from the first swapped decoder layer; a swapped lm_head replays only norm + head
+    starts = {name: min(len(layers) if decoder_index(p) is None else decoder_index(p) for p in repl)
+              for name, repl in swaps.items()}
     steps = [(i, name) for i in range(windows.n) for name in swaps]
     progress = iter(track(steps, description, total=len(steps)))
     for i in range(windows.n):
@@ -79,16 +86,19 @@ def sensitivity_kld(base: torch.nn.Module, swaps: dict[str, dict[str, torch.nn.M
             layer.register_forward_pre_hook(lambda _m, a, kw: inputs.append((a, kw)), with_kwargs=True)
             for layer in layers
         ]
+        hooks.append(norm.register_forward_pre_hook(lambda _m, a: captured_final.append(a[0])))
+        captured_final: list[torch.Tensor] = []
         try:
             base_logits = base(input_ids=ids, use_cache=False).logits[0, :-1]
         finally:
             for h in hooks:
                 h.remove()
+        final_hidden = captured_final[0]
         reference = summarize_logits(base_logits, targets, k=None)
         tokens += targets.numel()
         for name, replacements in swaps.items():
             next(progress)
-            hidden = _hidden_states(*inputs[starts[name]])
+            hidden = _hidden_states(*inputs[starts[name]]) if starts[name] < len(layers) else final_hidden
             with swapped(base, replacements):
                 for j in range(starts[name], len(layers)):
                     args, kwargs = inputs[j]

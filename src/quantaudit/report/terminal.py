@@ -77,7 +77,8 @@ def audit_table(report: dict) -> Table:
         table.add_column(col, justify="left" if col in ("format", "verdict") else "right")
     recommended = report["recommendation"].get("format")
     for f in report["formats"]:
-        verdict = "[green]PASS[/green]" if f["passed"] else "[red]FAIL[/red] " + "; ".join(f["failed"])
+        verdict = "[green]PASS[/green]" if f["passed"] else "[red]FAIL[/red] " + ",".join(
+            reason.split()[0] for reason in f["failed"])
         name = f"[bold]{f['name']}[/bold] ★" if f["name"] == recommended else f["name"]
         table.add_row(name, f"{f['ppl']:.3f}", f"{f['ppl_ratio']:.4f}", f"{f['kld']['mean']:.5f}",
                       f"{f['kld']['p99']:.4f}", f"{100 * f['top1']:.2f}%", f"{100 * f['delta_p']['rms']:.2f}%",
