@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_arguments(p, out_default="audit-out")
     p.set_defaults(func=cmd_audit)
 
+    from .advise import DESCRIPTION as ADVISE_DESCRIPTION, HELP as ADVISE_HELP, add_advise_arguments, run_advise
+
+    p = sub.add_parser("advise", help=ADVISE_HELP, description=ADVISE_DESCRIPTION)
+    add_advise_arguments(p)
+    p.set_defaults(func=run_advise)
+
     p = sub.add_parser("formats", help="list the quantization formats",
                        description="The formats quantaudit simulates, named as ModelOpt's --qformat.")
     p.set_defaults(func=cmd_formats)

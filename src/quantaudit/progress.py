@@ -7,6 +7,7 @@ Bars are hidden when stderr is not a terminal (CI logs stay readable) or when
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -15,7 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 T = TypeVar("T")
 
-console = Console()
+# Piped output (a file, CI logs) gets a wide fixed width instead of rich's 80 columns, so tables stay whole.
+console = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160")))
 status_console = Console(stderr=True)
 
 
