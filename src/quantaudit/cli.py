@@ -122,9 +122,9 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
     p.add_argument("--exclude", default="", help="fnmatch patterns of layers to keep unquantized, comma-separated")
     p.add_argument("--budget", default=DEFAULT_BUDGET,
                    help=f"accuracy budget, e.g. '%(default)s'; metrics: {', '.join(METRICS)}")
-    p.add_argument("--top-k", type=int, default=d.top_k,
-                   help="baseline log-probs kept per token (default: %(default)s; within 1%% of exact KLD)")
-    p.add_argument("--exact", action="store_true", help="keep the full-vocabulary baseline (exact KLD, more disk)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="keep only the baseline's top-K log-probs per token (a lower bound of the KLD); "
+                        "default: exact full-vocabulary KLD from the cached final hidden states")
     p.add_argument("--drift-windows", type=int, default=d.drift_windows,
                    help="windows for layer drift (0 = skip; default: %(default)s)")
     p.add_argument("--sensitivity-granularity", default=d.sensitivity, choices=["linear", "decoder", "none"],
@@ -133,6 +133,7 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
                    help="windows for the sensitivity sweep (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: automatic)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--gpu", default=None, help="add memory and speed estimates for this GPU (see `quantaudit advise`)")
     p.add_argument("--out", default=out_default, required=out_default is None, metavar="DIR",
                    help="output directory for report.json/.md/.html")
     p.add_argument("--force", action="store_true", help="overwrite a previous run in --out")
@@ -151,8 +152,8 @@ def cmd_audit(args) -> int:
         kv_cache=args.kv_cache, calib=args.calib, calib_size=args.calib_size, calib_seq=args.calib_seq,
         eval=args.eval, windows=args.windows, seq_len=args.seq_len, bos=args.bos, group_size=args.group_size,
         exclude=[p.strip() for p in args.exclude.split(",") if p.strip()], budget=args.budget, top_k=args.top_k,
-        exact=args.exact, drift_windows=args.drift_windows, sensitivity=args.sensitivity_granularity,
-        sensitivity_windows=args.sensitivity_windows, batch_size=args.batch_size, device=args.device,
+        drift_windows=args.drift_windows, sensitivity=args.sensitivity_granularity,
+        sensitivity_windows=args.sensitivity_windows, batch_size=args.batch_size, device=args.device, gpu=args.gpu,
     )
     report = run_audit(settings, Path(args.out), force=args.force, resume=args.resume)
     console.print(audit_table(report))

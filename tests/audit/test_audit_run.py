@@ -60,6 +60,15 @@ def test_every_format_is_audited_with_real_numbers(audit, stories):
     assert q["sensitivity_kld"] > 0 and 0 < q["cosine"] < 1 and q["drift_rel"] > 0
 
 
+def test_smoothquant_sensitivity_keeps_the_folded_scale(audit):
+    """A SmoothQuant linear swapped alone must carry its norm's smoothing: without it one layer's
+    KLD was ~2000x the whole model's. With it, single layers stay the same order as the whole."""
+    report, _ = audit
+    sq = next(f for f in report["formats"] if f["name"] == "int8_sq")
+    worst = max(l["sensitivity_kld"] for l in sq["layers"] if l["sensitivity_kld"] is not None)
+    assert 0 < worst < 10 * sq["kld"]["mean"]
+
+
 def test_verdicts_and_recommendation_follow_the_budget(audit):
     report, _ = audit
     for f in report["formats"]:

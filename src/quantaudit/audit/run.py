@@ -34,7 +34,7 @@ from ..quant.formats import get_format
 from .budget import Limit, check_budget
 from .drift import layer_drift
 from .outliers import activation_outliers
-from .sensitivity import decoder_index, decoder_stack, sensitivity_kld
+from .sensitivity import InputScaled, decoder_index, decoder_stack, sensitivity_kld
 from .settings import AuditSettings, validate
 
 SENSITIVITY_TOP = 10
@@ -62,14 +62,24 @@ def _drift_points(model: torch.nn.Module, linear_names: list[str]) -> dict[str, 
     return points
 
 
-def _sensitivity_swaps(qmodel: torch.nn.Module, linear_names: list[str], granularity: str) -> dict[str, dict]:
-    if granularity == "linear":
-        return {name: {name: qmodel.get_submodule(name)} for name in linear_names}
-    by_layer: dict[str, dict] = {}
+def _sensitivity_swaps(qm, linear_names: list[str], granularity: str) -> dict[str, dict]:
+    """What to put into the baseline to quantize one part of it.
+
+    A linear whose SmoothQuant scale was folded into the preceding norm only computes the right
+    thing behind that norm; swapped alone into the baseline it gets its input divided by the
+    smoothing scale, which is exactly what the folded norm does. A decoder layer is swapped whole
+    (folded norms and KV-cache quantization included).
+    """
+    if granularity == "decoder":
+        indices = sorted({decoder_index(name) for name in linear_names} - {None})
+        return {f"model.layers.{i}": {f"model.layers.{i}": qm.model.model.layers[i]} for i in indices}
+    swaps = {}
     for name in linear_names:
-        i = decoder_index(name)
-        by_layer.setdefault(f"model.layers.{i}", {})[name] = qmodel.get_submodule(name)
-    return by_layer
+        module, details = qm.model.get_submodule(name), qm.layers[name].details
+        if details.get("smoothed_into"):
+            module = InputScaled(module, 1.0 / details["smoothing_scale"])
+        swaps[name] = {name: module}
+    return swaps
 
 
 def audit_format(name: str, lm: LoadedModel, calib: Windows, eval_windows: Windows, baseline,
@@ -89,7 +99,7 @@ def audit_format(name: str, lm: LoadedModel, calib: Windows, eval_windows: Windo
                         _drift_points(lm.model, linear_names)) if settings.drift_windows else {}
     sensitivity = {}
     if settings.sensitivity != "none" and quantized:
-        swaps = _sensitivity_swaps(qm.model, quantized, settings.sensitivity)
+        swaps = _sensitivity_swaps(qm, quantized, settings.sensitivity)
         sensitivity = sensitivity_kld(lm.model, swaps, eval_windows.subset(settings.sensitivity_windows),
                                       description=f"sensitivity {name}")
     n_decoder = len(decoder_stack(lm.model)[0])
@@ -154,13 +164,16 @@ def recommend(formats: list[dict], limits: list[Limit]) -> dict:
 def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: bool = False) -> dict:
     """Run the whole audit and write the report files; returns the report dict."""
     limits = validate(settings)
+    if settings.gpu:
+        from ..advise.hardware import load_hardware
+
+        load_hardware().gpu(settings.gpu)  # an unknown GPU fails now, not after the audit
     prepare_out_dir(out, force, resume)
     lm = load_model(settings.model, device=settings.device)
     eval_windows = load_windows(settings.eval, lm.tokenizer, settings.seq_len, settings.windows, settings.bos)
     calib = load_windows(settings.calib, lm.tokenizer, settings.calib_seq, settings.calib_size, settings.bos,
                          role="calib")
-    baseline = build_baseline(lm, eval_windows, k=settings.top_k, exact=settings.exact,
-                              batch_size=settings.batch_size)
+    baseline = build_baseline(lm, eval_windows, k=settings.top_k, batch_size=settings.batch_size)
     unquantized = quantize(lm.model, QuantSpec(format="none"), None, progress=False)
     linears = {name: lm.model.get_submodule(name) for name in unquantized.layers}
     outliers = activation_outliers(lm.model, {n: m for n, m in linears.items() if n != "lm_head"}, calib)
@@ -209,6 +222,14 @@ def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: b
         "recommendation": recommend(formats, limits),
     }
     write_report(report, out)
+    if settings.gpu:
+        from ..advise import advise
+
+        try:
+            report["advice"] = advise(model=settings.model, gpu=settings.gpu, report=out / "report.json")
+        except UserError as exc:  # e.g. the model does not fit that GPU: say so in the report
+            report["advice"] = {"gpu": settings.gpu, "error": str(exc)}
+        write_report(report, out)
     return report
 
 

@@ -28,6 +28,18 @@ def decoder_stack(model: torch.nn.Module):
     return decoder_layers(model), model.model.norm, model.lm_head
 
 
+class InputScaled(torch.nn.Module):
+    """``inner(x * scale)``: a smoothed linear taken out from behind the norm its scale was folded into."""
+
+    def __init__(self, inner: torch.nn.Module, scale: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x * self.scale.to(x.dtype))
+
+
 def _set_module(root: torch.nn.Module, path: str, module: torch.nn.Module) -> torch.nn.Module:
     parent_path, _, attr = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root

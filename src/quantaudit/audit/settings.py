@@ -13,8 +13,6 @@ from ..errors import UserError
 from ..quant.formats import get_format, get_kv_cache_format
 from .budget import DEFAULT_BUDGET, Limit, parse_budget
 
-# Must match quantaudit.baseline.DEFAULT_TOP_K (asserted in the tests).
-DEFAULT_TOP_K = 64
 DEFAULT_FORMATS = ("fp8", "int8_wo", "int8_sq", "int4_awq", "int4_gptq", "w4a8_awq")
 
 
@@ -33,17 +31,17 @@ class AuditSettings:
     group_size: int = 128
     exclude: list[str] = field(default_factory=list)
     budget: str = DEFAULT_BUDGET
-    top_k: int = DEFAULT_TOP_K
-    exact: bool = False
+    top_k: int | None = None  # None: exact full-vocabulary baseline (quantaudit.baseline); K: top-K lower bound
     drift_windows: int = 2
     sensitivity: str = "linear"  # linear | decoder | none
     sensitivity_windows: int = 1
     batch_size: int | None = None
     device: str = "cpu"
+    gpu: str | None = None  # add the advisor's memory/speed section for this GPU
 
     def fingerprint(self) -> str:
         """Identity of everything that changes a format's numbers (for --resume)."""
-        fields = {k: v for k, v in asdict(self).items() if k not in ("formats", "budget", "batch_size", "device")}
+        fields = {k: v for k, v in asdict(self).items() if k not in ("formats", "budget", "batch_size", "device", "gpu")}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
