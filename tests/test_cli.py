@@ -103,3 +103,32 @@ def test_no_traceback_from_the_installed_command(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("quantaudit eval: error: model not found") and "Traceback" not in proc.stderr
+
+
+def test_eval_tasks_json_and_audit_task_budget(shared_dir, tmp_path, capsys):
+    """`eval --tasks` writes acc/acc_norm/n per task; `audit --tasks` gates on recovery."""
+    from quantaudit.models import load_model
+    from quantaudit.tasks import evaluate_task, load_task
+
+    model = str(shared_dir / "models/stories260K/hf")
+    out_json = tmp_path / "tasks.json"
+    code, out, _ = run(["eval", "--model", model, "--tasks", "piqa", "--task-data", str(shared_dir / "data"),
+                        "--limit", "12", "--json", str(out_json)], capsys)
+    assert code == 0
+    piqa = json.loads(out_json.read_text())["tasks"]["piqa"]
+    lm = load_model(model)
+    direct = evaluate_task(lm.model, lm.tokenizer, load_task("piqa", shared_dir / "data", limit=12)).summary
+    assert piqa["n"] == 12 and piqa["acc"] == direct["acc"] and piqa["acc_norm"] == direct["acc_norm"]
+
+    code, _, _ = run(["audit", "--model", model, "--formats", "int8_wo", "--calib", str(shared_dir / "data/tinystories_sample.txt"),
+                      "--calib-size", "2", "--calib-seq", "256", "--eval", str(shared_dir / "data/tinystories_sample.txt"),
+                      "--windows", "1", "--drift-windows", "0", "--sensitivity-granularity", "none",
+                      "--tasks", "piqa", "--task-data", str(shared_dir / "data"), "--limit", "12",
+                      "--budget", "recovery>=0.5", "--out", str(tmp_path / "a")], capsys)
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    entry = report["formats"][0]
+    assert report["tasks"]["piqa"]["acc"] == direct["acc"]
+    comparison = entry["tasks"][0]
+    assert comparison["acc_base"] == direct["acc"] and comparison["n"] == 12
+    assert entry["tasks_summary"]["recovery"] == comparison["recovery"]
+    assert entry["passed"] == (comparison["recovery"] >= 0.5) and code == (0 if entry["passed"] else 3)

@@ -44,6 +44,28 @@ def _add_window_args(p: argparse.ArgumentParser, data_flag: str = "--data") -> N
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
 
 
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task accuracy (lm-evaluation-harness style)")
+    g.add_argument("--tasks", default="", metavar="LIST",
+                   help="comma-separated: piqa, hellaswag, or .jsonl files ({context, choices, answer} for "
+                        "multiple choice, {prompt, answer} for exact-match generation)")
+    g.add_argument("--task-data", default=None, metavar="DIR",
+                   help="folder with piqa_valid.jsonl, piqa_valid_labels.lst, hellaswag_val.txt.bz2")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task (or sampled, with --seed)")
+    g.add_argument("--seed", type=int, default=None, help="sample --limit items at random with this seed instead of the first N")
+    g.add_argument("--strict", action="store_true", help="refuse a task file with bad items instead of skipping them")
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _load_tasks(args):
+    from .tasks import load_task
+
+    return [load_task(name, args.task_data, args.limit, args.strict, args.seed) for name in _split(args.tasks)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantaudit",
@@ -59,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Perplexity of one model on fixed token windows, with tokens/s.")
     _add_model_arg(p)
     _add_window_args(p)
+    _add_task_args(p)
     p.add_argument("--json", metavar="OUT", help="write the result as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -68,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p, "--base", default=None)
     _add_model_arg(p, "--candidate", default=None)
     _add_window_args(p)
+    _add_task_args(p)
     p.add_argument("--json", metavar="OUT", help="write the statistics as JSON")
     p.set_defaults(func=cmd_compare)
 
@@ -134,6 +158,7 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: automatic)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--gpu", default=None, help="add memory and speed estimates for this GPU (see `quantaudit advise`)")
+    _add_task_args(p)
     p.add_argument("--out", default=out_default, required=out_default is None, metavar="DIR",
                    help="output directory for report.json/.md/.html")
     p.add_argument("--force", action="store_true", help="overwrite a previous run in --out")
@@ -148,10 +173,11 @@ def cmd_audit(args) -> int:
     from .report.terminal import audit_table
 
     settings = AuditSettings(
-        model=args.model, formats=[f.strip() for f in args.formats.split(",") if f.strip()],
+        model=args.model, formats=_split(args.formats), tasks=_split(args.tasks), task_data=args.task_data,
+        task_limit=args.limit, task_seed=args.seed, task_strict=args.strict,
         kv_cache=args.kv_cache, calib=args.calib, calib_size=args.calib_size, calib_seq=args.calib_seq,
         eval=args.eval, windows=args.windows, seq_len=args.seq_len, bos=args.bos, group_size=args.group_size,
-        exclude=[p.strip() for p in args.exclude.split(",") if p.strip()], budget=args.budget, top_k=args.top_k,
+        exclude=_split(args.exclude), budget=args.budget, top_k=args.top_k,
         drift_windows=args.drift_windows, sensitivity=args.sensitivity_granularity,
         sensitivity_windows=args.sensitivity_windows, batch_size=args.batch_size, device=args.device, gpu=args.gpu,
     )
@@ -164,15 +190,23 @@ def cmd_audit(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """Perplexity on --data (skipped when only --tasks are asked for), and task accuracy."""
     from .data import load_windows
     from .evaluate import evaluate_perplexity
     from .models import load_model
-    from .report.terminal import perplexity_table
+    from .report.terminal import perplexity_table, task_table
+    from .tasks import evaluate_task
 
+    tasks = _load_tasks(args)
     lm = load_model(args.model, device=args.device)
-    windows = load_windows(args.data, lm.tokenizer, args.seq_len, args.windows, args.bos)
-    result = {"model": lm.name, "eval": windows.describe(), **evaluate_perplexity(lm.model, windows, args.batch_size)}
-    console.print(perplexity_table(result))
+    result: dict = {"model": lm.name}
+    if args.data or not tasks:
+        windows = load_windows(args.data, lm.tokenizer, args.seq_len, args.windows, args.bos)
+        result.update({"eval": windows.describe(), **evaluate_perplexity(lm.model, windows, args.batch_size)})
+        console.print(perplexity_table(result))
+    if tasks:
+        result["tasks"] = {t.name: evaluate_task(lm.model, lm.tokenizer, t, bos=args.bos).summary for t in tasks}
+        console.print(task_table(result["tasks"]))
     if args.json:
         atomic_write_json(args.json, result)
     return 0
@@ -182,8 +216,10 @@ def cmd_compare(args) -> int:
     from .data import load_windows
     from .evaluate import compare_models
     from .models import check_same_tokenizer, load_model
-    from .report.terminal import paired_table
+    from .report.terminal import paired_table, task_comparison_table
+    from .tasks import compare_task_results, evaluate_task
 
+    tasks = _load_tasks(args)
     base = load_model(args.base, device=args.device)
     cand = load_model(args.candidate, device=args.device)
     check_same_tokenizer(base, cand)
@@ -191,6 +227,13 @@ def cmd_compare(args) -> int:
     stats = compare_models(base.model, cand.model, windows, batch_size=args.batch_size)
     result = {"base": base.name, "candidate": cand.name, "eval": windows.describe(), "stats": stats}
     console.print(paired_table(stats, title=f"{cand.name} vs {base.name}"))
+    if tasks:
+        result["tasks"] = [
+            compare_task_results(evaluate_task(base.model, base.tokenizer, t, bos=args.bos),
+                                 evaluate_task(cand.model, cand.tokenizer, t, bos=args.bos))
+            for t in tasks
+        ]
+        console.print(task_comparison_table(result["tasks"]))
     if args.json:
         atomic_write_json(args.json, result)
     return 0

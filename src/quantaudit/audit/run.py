@@ -31,6 +31,7 @@ from ..models import LoadedModel, load_model
 from ..progress import console
 from ..quant import QuantSpec, quantize
 from ..quant.formats import get_format
+from ..tasks import compare_task_results, evaluate_task, load_task, tasks_summary
 from .budget import Limit, check_budget
 from .drift import layer_drift
 from .outliers import activation_outliers
@@ -83,7 +84,8 @@ def _sensitivity_swaps(qm, linear_names: list[str], granularity: str) -> dict[st
 
 
 def audit_format(name: str, lm: LoadedModel, calib: Windows, eval_windows: Windows, baseline,
-                 settings: AuditSettings, limits: list[Limit]) -> dict:
+                 settings: AuditSettings, limits: list[Limit], tasks: list | None = None,
+                 base_task_results: list | None = None) -> dict:
     """Everything the report says about one format."""
     fmt = get_format(name)
     spec = QuantSpec(format=name, kv_cache=settings.kv_cache, group_size=settings.group_size,
@@ -134,6 +136,11 @@ def audit_format(name: str, lm: LoadedModel, calib: Windows, eval_windows: Windo
     }
     if settings.sensitivity == "decoder":
         entry["decoder_sensitivity"] = {k: v for k, v in sensitivity.items()}
+    if tasks:
+        comparisons = [compare_task_results(base, evaluate_task(qm.model, lm.tokenizer, task, bos=settings.bos))
+                       for task, base in zip(tasks, base_task_results)]
+        entry["tasks"] = comparisons
+        entry["tasks_summary"] = tasks_summary(comparisons)
     entry["failed"] = check_budget(entry, limits)
     entry["passed"] = not entry["failed"]
     del qm
@@ -177,6 +184,8 @@ def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: b
     unquantized = quantize(lm.model, QuantSpec(format="none"), None, progress=False)
     linears = {name: lm.model.get_submodule(name) for name in unquantized.layers}
     outliers = activation_outliers(lm.model, {n: m for n, m in linears.items() if n != "lm_head"}, calib)
+    tasks = [load_task(t, settings.task_data, settings.task_limit, settings.task_strict, settings.task_seed) for t in settings.tasks]
+    base_task_results = [evaluate_task(lm.model, lm.tokenizer, task, bos=settings.bos) for task in tasks]
     key = settings.fingerprint()
     formats = []
     for name in settings.formats:
@@ -188,7 +197,7 @@ def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: b
                 formats.append(record["entry"])
                 continue
         console.print(f"[bold]{name}[/bold]: {get_format(name).description}")
-        entry = audit_format(name, lm, calib, eval_windows, baseline, settings, limits)
+        entry = audit_format(name, lm, calib, eval_windows, baseline, settings, limits, tasks, base_task_results)
         atomic_write_json(saved, {"settings_fingerprint": key, "entry": entry})
         formats.append(entry)
     for entry in formats:  # the budget may have changed since a resumed format was saved
@@ -221,6 +230,8 @@ def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: b
         "outliers": outliers,
         "recommendation": recommend(formats, limits),
     }
+    if tasks:
+        report["tasks"] = {r.task: r.summary for r in base_task_results}
     write_report(report, out)
     if settings.gpu:
         from ..advise import advise

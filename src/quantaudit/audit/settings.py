@@ -38,6 +38,11 @@ class AuditSettings:
     batch_size: int | None = None
     device: str = "cpu"
     gpu: str | None = None  # add the advisor's memory/speed section for this GPU
+    tasks: list[str] = field(default_factory=list)  # piqa, hellaswag, or .jsonl paths
+    task_data: str | None = None
+    task_limit: int | None = None
+    task_seed: int | None = None
+    task_strict: bool = False
 
     def fingerprint(self) -> str:
         """Identity of everything that changes a format's numbers (for --resume)."""

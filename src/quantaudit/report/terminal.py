@@ -84,3 +84,24 @@ def audit_table(report: dict) -> Table:
                       f"{f['kld']['p99']:.4f}", f"{100 * f['top1']:.2f}%", f"{100 * f['delta_p']['rms']:.2f}%",
                       f"{f['weight_bytes'] / 2**20:.1f}", f"{f['compression']:.2f}", verdict)
     return table
+
+
+def task_table(summaries: dict) -> Table:
+    table = Table(title="task accuracy")
+    for col in ("task", "n", "acc", "acc_norm", "BOS"):
+        table.add_column(col, justify="left" if col in ("task", "BOS") else "right")
+    for name, s in summaries.items():
+        norm = _pm(s["acc_norm"], s["acc_norm_stderr"]) if s.get("acc_norm") is not None else "-"
+        table.add_row(name, str(s["n"]), _pm(s["acc"], s["acc_stderr"]), norm, s["bos"])
+    return table
+
+
+def task_comparison_table(comparisons: list[dict]) -> Table:
+    table = Table(title="task accuracy, candidate vs base (paired)")
+    for col in ("task", "n", "acc base", "acc cand", "recovery", "right→wrong", "wrong→right", "McNemar p"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for c in comparisons:
+        recovery = f"{c['recovery']:.4f}" if c["recovery"] is not None else "-"
+        table.add_row(c["task"], str(c["n"]), f"{c['acc_base']:.4f}", f"{c['acc_quant']:.4f}", recovery,
+                      str(c["right_to_wrong"]), str(c["wrong_to_right"]), f"{c['mcnemar_p']:.3g}")
+    return table
