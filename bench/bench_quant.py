@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections import Counter
@@ -54,8 +55,12 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); on a CPU shared with other jobs 1 can be faster")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quant.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     loaded = load_model("smollm2-135m")
     tok = loaded.tokenizer
@@ -84,11 +89,13 @@ def main() -> None:
             "weight_bytes": quantized.weight_bytes(),
             "weight_bytes_breakdown": quantized.weight_bytes_breakdown(),
             "calib": quantized.calib_info,
+            "load_average_after": os.getloadavg()[0],  # other jobs on the machine slow every timing
             "reference_kld": REFERENCE_KLD.get(name),
         }
         rows.append(row)
         print(f"{name:20s} KLD {row['kld']:.4f} ± {row['kld_unc']:.4f}  PPL {row['ppl']:.2f}  "
-              f"quantize {row['quant_seconds']:.0f} s  groups {row['group_sizes']}", flush=True)
+              f"quantize {row['quant_seconds']:.0f} s  groups {row['group_sizes']}  "
+              f"load {row['load_average_after']:.1f}", flush=True)
         del quantized
 
     by_name = {r["format"]: r for r in rows}

@@ -4,7 +4,7 @@ Both runs score the same items in the same process, one after the other, so the 
 side by side; the per-item choices of both runs are compared too (they must agree: batching only
 changes float rounding). Writes bench/results/tasks.json.
 
-    .venv/bin/python bench/bench_tasks.py [--items 200] [--batch-sizes 1,16,32] [--task-data ../shared/data]
+    .venv/bin/python bench/bench_tasks.py [--items 200] [--batch-sizes 1,auto,16] [--task-data ../shared/data]
 """
 
 from __future__ import annotations
@@ -28,21 +28,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--items", type=int, default=200, help="first N PIQA items")
-    parser.add_argument("--batch-sizes", default="1,16,32", help="sequences per forward; 1 = unbatched")
+    parser.add_argument("--batch-sizes", default="1,auto,16",
+                        help="sequences per forward, comma-separated; 1 = unbatched, auto = by logits budget")
     parser.add_argument("--task-data", default=str(REPO / ".." / "shared" / "data"))
     args = parser.parse_args()
 
+    sizes = [None if b == "auto" else int(b) for b in args.batch_sizes.split(",")]
+    if 1 not in sizes:
+        parser.error("--batch-sizes must include 1: the unbatched run is the reference for the ratio")
     loaded = load_model(args.model)
     task = load_task("piqa", args.task_data, limit=args.items)
     sequences = sum(len(it.choices) for it in task.items)
     runs = {}
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+    for batch_size in sizes:
         start = time.perf_counter()
         result = evaluate_task(loaded.model, loaded.tokenizer, task, batch_size=batch_size)
         seconds = time.perf_counter() - start
         runs[batch_size] = {"seconds": seconds, "items_per_s": task.n / seconds, "result": result}
 
-    unbatched = runs[min(runs)]
+    unbatched = runs[1]
     rows = []
     print(f"PIQA first {task.n} items ({sequences} sequences), {args.model}, torch threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.1f}")
@@ -51,9 +55,9 @@ def main() -> None:
         r = run["result"]
         same = sum(a == b for a, b in zip(r.predictions, unbatched["result"].predictions))
         speedup = run["items_per_s"] / unbatched["items_per_s"]
-        print(f"{batch_size:>6} {run['seconds']:>8.1f} {run['items_per_s']:>8.2f} {speedup:>12.2f}x "
+        print(f"{batch_size or 'auto':>6} {run['seconds']:>8.1f} {run['items_per_s']:>8.2f} {speedup:>12.2f}x "
               f"{r.summary['acc']:>6.3f} {r.summary['acc_norm']:>9.3f} {same:>8}/{task.n}")
-        rows.append({"batch_size": batch_size, "seconds": run["seconds"], "items_per_s": run["items_per_s"],
+        rows.append({"batch_size": batch_size or "auto", "seconds": run["seconds"], "items_per_s": run["items_per_s"],
                      "speedup_vs_unbatched": speedup, "acc": r.summary["acc"], "acc_norm": r.summary["acc_norm"],
                      "same_choices_as_unbatched": same})
 

@@ -23,6 +23,9 @@ class WeightQuant:
     kind: Kind
     bits: int
     granularity: Literal["tensor", "channel", "group"]  # channel = per output channel
+    # W4A8: the kernel converts the dequantized INT4 weight to FP8 with one more per-tensor scale
+    # (ModelOpt's SequentialQuantizer [INT4 block, FP8 tensor]; ``weights_scaling_factor_2``).
+    requant: Kind | None = None
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ FORMATS: dict[str, QuantFormat] = {
         ),
         QuantFormat(
             "w4a8_awq",
-            WeightQuant(**INT4, granularity="group"),
+            WeightQuant(**INT4, granularity="group", requant="fp8"),
             ActQuant(**FP8, granularity="tensor", dynamic=False),
             "awq",
             "W4A8_AWQ",

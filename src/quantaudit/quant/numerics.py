@@ -62,3 +62,31 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     if in_features % group_size:
         raise ValueError(f"input size {in_features} is not a multiple of group size {group_size}")
     return w.reshape(out_features, in_features // group_size, group_size)
+
+
+# The two number kinds of quant.formats (``WeightQuant.kind`` / ``ActQuant.kind``) as data: how an
+# amax becomes a scale and how values become stored codes. Codes are kept in their storage dtype:
+# ``torch.int8`` for INT8 and INT4 (range [-8, 7]), ``torch.float8_e4m3fn`` for FP8.
+_SCALE_BY_KIND = {
+    "int": int_scale,
+    "fp8": lambda amax, bits: fp8_scale(amax),
+}
+_CODES_BY_KIND = {
+    "int": lambda x, scale, bits: int_codes(x, scale, bits).to(torch.int8),
+    "fp8": lambda x, scale, bits: fp8_codes(x, scale),
+}
+
+
+def quant_scale(kind: str, amax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Scale of a ``kind`` grid ("int" or "fp8") whose largest code represents ``amax``."""
+    return _SCALE_BY_KIND[kind](amax, bits)
+
+
+def quant_codes(kind: str, x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored codes of ``x`` (int8 or float8_e4m3fn tensor); ``codes.float() * scale`` dequantizes."""
+    return _CODES_BY_KIND[kind](x, scale, bits)
+
+
+def fake_quant(kind: str, x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize-dequantize ``x`` on a ``kind`` grid with ``scale`` (broadcast)."""
+    return (quant_codes(kind, x, scale, bits).float() * scale).to(x.dtype)

@@ -1,0 +1,120 @@
+"""``quantaudit export``: quantize exactly as the audit did, then write the checkpoint.
+
+The quantization flags default to ``quantaudit audit``'s (same calibration text, sample count,
+sequence length, BOS policy and group size), so the exported numbers are the audited ones; the
+calibration fingerprint is recorded in ``quantaudit_export.json`` to compare with report.json.
+``--plan`` takes a JSON file: ``{"format": DEFAULT, "layers": {module: format}}`` or a flat
+``{module: format}`` (modules not named keep ``--format``, default none = unquantized).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import UserError
+
+EXAMPLE = ("example:\n  quantaudit export --model smollm2-135m --format fp8 --kv-cache fp8 --calib calib.txt "
+           "--out smollm2-fp8-trtllm --target trtllm")
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    from ..audit.settings import AuditSettings
+    from .build import BuildSettings
+
+    d, b = AuditSettings(), BuildSettings()
+    p.add_argument("--model", default=d.model, help="HF folder, .gguf file or short name (default: %(default)s)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--format", help="the format to export (see `quantaudit formats`)")
+    which.add_argument("--plan", metavar="PLAN", help="mixed-precision plan, JSON {module: format} (--target trtllm)")
+    p.add_argument("--kv-cache", default=d.kv_cache, choices=["none", "fp8", "int8"],
+                   help="KV-cache quantization (default: %(default)s)")
+    p.add_argument("--calib", default=None, metavar="FILE", help="calibration text (default: embedded, calib half)")
+    p.add_argument("--calib-size", type=int, default=d.calib_size, help="calibration samples (default: %(default)s)")
+    p.add_argument("--calib-seq", type=int, default=d.calib_seq, help="tokens per sample (default: %(default)s)")
+    p.add_argument("--bos", choices=["auto", "doc", "none"], default=d.bos, help="BOS policy (default: auto)")
+    p.add_argument("--group-size", type=int, default=d.group_size, help="INT4 group size, 128 or 64 (default: %(default)s)")
+    p.add_argument("--exclude", default="", help="fnmatch patterns of layers to keep unquantized, comma-separated")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to create")
+    p.add_argument("--target", default="trtllm", choices=["trtllm", "hf"],
+                   help="trtllm: TensorRT-LLM checkpoint; hf: ModelOpt unified HF folder (default: %(default)s)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (trtllm; default: %(default)s)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
+                   help="dtype of unquantized tensors (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=b.max_batch_size, help="trtllm-build (default: %(default)s)")
+    p.add_argument("--max-input-len", type=int, default=b.max_input_len, help="trtllm-build (default: %(default)s)")
+    p.add_argument("--max-output-len", type=int, default=b.max_output_len, help="trtllm-build (default: %(default)s)")
+    p.add_argument("--build", action="store_true", help="run build.sh (needs tensorrt_llm and a CUDA GPU)")
+    p.add_argument("--bench", action="store_true", help="run build.sh --bench (trtllm-bench; implies --build)")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--device", default="cpu", help="torch device for quantization (default: %(default)s)")
+    p.epilog = EXAMPLE
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def read_plan(path: str) -> tuple[str | None, dict[str, str]]:
+    """(default format or None, {module: format}) from a plan file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"plan file not found: {path}") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read plan {path}: {exc}") from None
+    layers = data.get("layers", data) if isinstance(data, dict) else None
+    if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in layers.items()):
+        raise UserError(f"plan {path} must be a JSON object {{module: format}} or {{\"format\": ..., \"layers\": {{...}}}}")
+    return (data.get("format") if "layers" in data else None), dict(layers)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..data import load_windows
+    from ..models import load_model
+    from ..progress import console
+    from ..quant import QuantSpec, quantize
+    from ..quant.formats import get_format, get_kv_cache_format
+    from . import TARGETS, check_output_dir, export_checkpoint
+    from .build import BuildSettings, run_build_script, runtime_missing
+    from .hf import check_hf_request
+    from .linears import model_facts
+    from .trtllm import check_trtllm_request
+
+    out = check_output_dir(args.out, args.force)
+    plan_default, plan = read_plan(args.plan) if args.plan else (None, None)
+    fmt = args.format or plan_default or "none"
+    for name in [fmt, *(plan or {}).values()]:
+        get_format(name)
+    kv_algo = get_kv_cache_format(args.kv_cache).trtllm_kv_cache_quant_algo
+    if args.target not in TARGETS:
+        raise UserError(f"--target must be one of {', '.join(TARGETS)}")
+    if args.target == "hf":
+        check_hf_request({fmt, *(plan or {}).values()}, kv_algo, args.tp)
+    spec = QuantSpec(format=fmt, kv_cache=args.kv_cache, group_size=args.group_size, plan=plan,
+                     exclude=tuple(p.strip() for p in args.exclude.split(",") if p.strip()))
+    lm = load_model(args.model, device=args.device)
+    if args.target == "trtllm":
+        check_trtllm_request(lm.config, args.tp)
+    else:
+        model_facts(lm.config)
+    calib = load_windows(args.calib, lm.tokenizer, args.calib_seq, args.calib_size, args.bos, role="calib")
+    qm = quantize(lm.model, spec, calib)
+    settings = BuildSettings(args.max_batch_size, args.max_input_len, args.max_output_len)
+    result = export_checkpoint(qm, lm.config, out, target=args.target, tp=args.tp, dtype=args.dtype, force=args.force,
+                               tokenizer=lm.tokenizer, build=settings,
+                               source={"model": lm.name, "path": lm.source, "fingerprint": lm.fingerprint})
+    console.print(f"wrote {result.path} ({result.target}, quant_algo {result.quant_algo}, KV cache "
+                  f"{result.kv_cache_quant_algo or 'not quantized'}): {', '.join(result.files)}")
+    for note in result.notes:
+        console.print(f"[yellow]differs from the audit:[/yellow] {note}")
+    for warning in result.warnings:
+        console.print(f"[red]caveat:[/red] {warning}")
+    if args.target == "hf" and args.build and not args.bench:
+        console.print("--build: nothing to build for --target hf; TensorRT-LLM's PyTorch backend and vLLM load the folder")
+        return 0
+    if args.build or args.bench:
+        missing = runtime_missing()
+        if missing:
+            console.print(f"--build/--bench skipped: {missing}; run {result.path}/build.sh where TensorRT-LLM and a GPU are")
+            return 0
+        return run_build_script(result.path, bench=args.bench)
+    return 0

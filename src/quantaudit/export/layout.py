@@ -1,0 +1,258 @@
+"""The exported checkpoint layouts as data: which tensors a quantized linear becomes, per format.
+
+Two targets, both as NVIDIA ModelOpt 0.47 writes them and as their loaders read them:
+
+* ``trtllm``: the TensorRT-LLM checkpoint (``docs/source/architecture/checkpoint.md``), written
+  by ModelOpt's ``export_tensorrt_llm_checkpoint`` (``model_config_export.py``,
+  ``model_config_utils.pack_linear_weights``, ``quant_utils.to_quantized_weight`` /
+  ``pack_int4_in_uint8`` / ``postprocess_tensors``) and read by TensorRT-LLM's
+  ``models/modeling_utils.preprocess_weights`` + the layers of ``quantization/layers.py``.
+  Q, K and V are one ``attention.qkv`` linear (rows concatenated), gate_proj is ``mlp.fc`` (the
+  activation branch), up_proj is ``mlp.gate``, down_proj is ``mlp.proj``.
+* ``hf``: ModelOpt's unified Hugging Face checkpoint (``unified_export_hf.py``): original HF
+  names plus ``weight_scale`` / ``input_scale`` / ``weight_scale_2`` / ``pre_quant_scale`` /
+  ``k_proj.k_scale`` / ``v_proj.v_scale``, read by TensorRT-LLM's PyTorch backend
+  (``_torch/modules/linear.py``) and vLLM (``quantization/modelopt.py``).
+
+A tensor is described by its *role* (what it holds from :class:`~quantaudit.quant.engine.LayerRecord`),
+its dtype (``None``: the checkpoint dtype, ``config.json`` ``dtype``) and its shape in symbolic
+dimensions (``out``, ``in``, ``out/2``, ``in/g``, ``1``). Tensor parallelism splits a
+column-parallel linear along its ``out*`` dimension and a row-parallel one along its ``in*``
+dimension; dimensions of size 1 are replicated.
+
+Where ModelOpt and TensorRT-LLM differ we follow what TensorRT-LLM loads:
+
+* int8_sq (dynamic per-token INT8 activations) is not ModelOpt's ``W8A8_SQ_PER_CHANNEL``: that
+  algo makes TensorRT-LLM build ``Int8SmoothQuantLinear`` with one *static* per-tensor activation
+  scale. Per-token activations are TensorRT-LLM's own SmoothQuant plugin layout
+  (``W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN``, ``models/llama/convert.py`` ``get_tllm_linear_sq_weight``):
+  ``per_channel_scale`` (1, out), ``smoother`` (1, in) on dense/proj (applied as ``x / smoother``),
+  ``scale_to_int`` = 1 on the norms, smoothing folded into the norm weights - as our engine does.
+  int8_sq_static (one static scale) is ModelOpt's ``W8A8_SQ_PER_CHANNEL``.
+* int4_wo and int4_gptq are per-group INT4 without a pre-quant scale. TensorRT-LLM's ``W4A16`` is
+  per-channel and quantized by TensorRT-LLM itself at load, and a ``W4A16_GPTQ`` checkpoint must
+  already hold weights preprocessed by TensorRT-LLM's compiled, GPU-architecture-specific
+  ``preprocess_weights_for_mixed_gemm`` (``preprocess_weights`` does not touch it). Both are
+  therefore written through the ``W4A16_AWQ`` path with ``pre_quant_scale: false``: the same packed
+  (out/2, in) int8 weight and (out, in/group) scales, packed by TensorRT-LLM when it loads them.
+* int8_wo is ``W8A16`` as ModelOpt's flow writes it (``quantize_by_modelopt``: ``int8_wo`` is
+  exported unquantized and TensorRT-LLM quantizes at load): the weight in the checkpoint dtype.
+  TensorRT-LLM re-quantizes it on its own grid (``cutlass_preprocessors.cpp``
+  ``symmetric_quantize``: scale = max|w| / 128 per output channel, round half away from zero,
+  clamp [-128, 127]); our engine's int8_wo grid is max|w| / 127, so the deployed codes differ from
+  the audited ones (the export says so; nothing pre-quantized can be loaded without the compiled op).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One TensorRT-LLM linear: the HF linears whose rows are concatenated into it."""
+
+    name: str  # below transformer.layers.N (or top level for lm_head)
+    hf: tuple[str, ...]  # below model.layers.N
+    parallel: str  # "column": outputs split across ranks; "row": inputs split
+    norm: str | None = None  # the TensorRT-LLM norm producing its input (SmoothQuant folding)
+
+
+DECODER_SLOTS = (
+    Slot("attention.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "column", "input_layernorm"),
+    Slot("attention.dense", ("self_attn.o_proj",), "row"),
+    Slot("mlp.fc", ("mlp.gate_proj",), "column", "post_layernorm"),
+    Slot("mlp.gate", ("mlp.up_proj",), "column", "post_layernorm"),
+    Slot("mlp.proj", ("mlp.down_proj",), "row"),
+)
+LM_HEAD_SLOT = Slot("lm_head", ("lm_head",), "column")
+# TensorRT-LLM norm -> HF norm, below the decoder layer.
+DECODER_NORMS = {"input_layernorm": "input_layernorm", "post_layernorm": "post_attention_layernorm"}
+# Top-level tensors: TensorRT-LLM name -> (HF parameter, dimension split across ranks or None).
+# ModelOpt writes use_parallel_embedding=true, embedding_sharding_dim=0: the vocabulary is split.
+TOP_TENSORS = {
+    "transformer.vocab_embedding.weight": ("model.embed_tokens.weight", 0),
+    "transformer.ln_f.weight": ("model.norm.weight", None),
+}
+KV_CACHE_SCALE = "attention.kv_cache_scaling_factor"  # (1,) float32 = max(k, v): what TensorRT-LLM uses
+KV_SEPARATE_SCALES = ("attention.k_cache_scaling_factor", "attention.v_cache_scaling_factor")  # ModelOpt also writes these
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One stored tensor of a quantized linear.
+
+    ``role``: ``codes`` (int8 / float8 codes, ``packed`` two INT4 per byte: adjacent output channels,
+    low nibble first), ``dequantized`` (codes * scale), ``weight_scale``, ``act_scale``, ``pqs``
+    (input multiplier; ones where the engine has none), ``smoother`` (SmoothQuant's s: the input is
+    divided by it), ``weight_scale_2`` (W4A8: the per-tensor FP8 scale the kernel converts codes * scale with).
+    """
+
+    suffix: str
+    role: str
+    dtype: torch.dtype | None  # None: the checkpoint dtype
+    shape: tuple[str, ...]
+    packed: bool = False
+    row_only: bool = False  # only on row-parallel linears (SmoothQuant smoother)
+    unfused_only: bool = False  # HF: only on linears not fed by a norm (elsewhere folded into the norm)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How one format is stored: the algo name the loader dispatches on and the tensors."""
+
+    quant_algo: str
+    reader_format: str  # the engine format that computes what the loader computes
+    tensors: tuple[TensorSpec, ...]
+    grouped: bool = False  # config carries group_size / has_zero_point / pre_quant_scale
+    pre_quant_scale: bool = False
+    whole_blocks: bool = False  # TensorRT-LLM swaps whole attention/MLP blocks: no per-linear exclusion or mixing
+    norm_tensors: tuple[TensorSpec, ...] = ()  # on norms feeding a linear of this format
+    shared_in_fused: tuple[str, ...] = ()  # HF: roles the loader requires equal across fused q/k/v and gate/up
+    fold_pqs_into_norm: bool = False  # HF: the pre-quant scale of norm-fed linears is folded into the norm
+    reload: str | None = None  # how the loader changes the stored numbers (None: it keeps them)
+
+
+FP32, INT8, FP8, UINT8 = torch.float32, torch.int8, torch.float8_e4m3fn, torch.uint8
+OUT_IN = ("out", "in")
+PACKED = ("out/2", "in")
+GROUPS = ("out", "in/g")
+ONE = ("1",)
+
+_W8A16_RELOAD = (
+    "TensorRT-LLM quantizes W8A16 weights itself when it loads them (scale max|w|/128 per output channel, "
+    "round half away from zero); the audited int8_wo grid is max|w|/127, so the deployed INT8 codes differ "
+    "from the audited ones by up to one step"
+)
+
+TRTLLM: dict[str, Storage] = {
+    "fp8": Storage("FP8", "fp8", (
+        TensorSpec("weight", "codes", FP8, OUT_IN),
+        TensorSpec("weights_scaling_factor", "weight_scale", FP32, ONE),
+        TensorSpec("activation_scaling_factor", "act_scale", FP32, ONE),
+    )),
+    "fp8_pc_pt": Storage("FP8_PER_CHANNEL_PER_TOKEN", "fp8_pc_pt", (
+        TensorSpec("weight", "codes", FP8, OUT_IN),
+        TensorSpec("per_channel_scale", "weight_scale", FP32, ("out",)),
+    ), whole_blocks=True),
+    "int8_wo": Storage("W8A16", "int8_wo", (
+        TensorSpec("weight", "dequantized", None, OUT_IN),
+    ), reload=_W8A16_RELOAD),
+    "int4_wo": Storage("W4A16_AWQ", "int4_wo", (
+        TensorSpec("weight", "codes", INT8, PACKED, packed=True),
+        TensorSpec("weights_scaling_factor", "weight_scale", FP32, GROUPS),
+    ), grouped=True),
+    "int4_gptq": Storage("W4A16_AWQ", "int4_wo", (
+        TensorSpec("weight", "codes", INT8, PACKED, packed=True),
+        TensorSpec("weights_scaling_factor", "weight_scale", FP32, GROUPS),
+    ), grouped=True),
+    "int4_awq": Storage("W4A16_AWQ", "int4_awq", (
+        TensorSpec("weight", "codes", INT8, PACKED, packed=True),
+        TensorSpec("weights_scaling_factor", "weight_scale", FP32, GROUPS),
+        TensorSpec("prequant_scaling_factor", "pqs", None, ("in",)),
+    ), grouped=True, pre_quant_scale=True),
+    "w4a8_awq": Storage("W4A8_AWQ", "w4a8_awq", (
+        TensorSpec("weight", "codes", INT8, PACKED, packed=True),
+        TensorSpec("weights_scaling_factor", "weight_scale", FP32, GROUPS),
+        TensorSpec("weights_scaling_factor_2", "weight_scale_2", FP32, ONE),
+        TensorSpec("activation_scaling_factor", "act_scale", FP32, ONE),
+        TensorSpec("prequant_scaling_factor", "pqs", None, ("in",)),
+    ), grouped=True, pre_quant_scale=True),
+    "int8_sq": Storage("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "int8_sq", (
+        TensorSpec("weight", "codes", INT8, OUT_IN),
+        TensorSpec("per_channel_scale", "weight_scale", FP32, ("1", "out")),
+        TensorSpec("smoother", "smoother", FP32, ("1", "in"), row_only=True),
+    ), whole_blocks=True, norm_tensors=(TensorSpec("scale_to_int", "one", FP32, ONE),)),
+    "int8_sq_static": Storage("W8A8_SQ_PER_CHANNEL", "int8_sq_static", (
+        TensorSpec("weight", "codes", INT8, OUT_IN),
+        TensorSpec("weights_scaling_factor", "weight_scale", FP32, ("out",)),
+        TensorSpec("activation_scaling_factor", "act_scale", FP32, ONE),
+        TensorSpec("prequant_scaling_factor", "pqs", None, ("in",)),
+    )),
+}
+TRTLLM["int8_w8a8_nosmooth"] = TRTLLM["int8_sq"]  # the same kernels with smoother = 1
+
+_HF_AWQ_FAMILY = dict(grouped=True, fold_pqs_into_norm=True)
+HF: dict[str, Storage] = {
+    "fp8": Storage("FP8", "fp8", (
+        TensorSpec("weight", "codes", FP8, OUT_IN),
+        TensorSpec("weight_scale", "weight_scale", FP32, ()),
+        TensorSpec("input_scale", "act_scale", FP32, ()),
+    )),
+    "fp8_pc_pt": Storage("FP8_PER_CHANNEL_PER_TOKEN", "fp8_pc_pt", (
+        TensorSpec("weight", "codes", FP8, OUT_IN),
+        TensorSpec("weight_scale", "weight_scale", FP32, ("out",)),
+    )),
+    "int8_wo": Storage("W8A16", "int8_wo", (
+        TensorSpec("weight", "codes", INT8, OUT_IN),
+        TensorSpec("weight_scale", "weight_scale", FP32, ("out",)),
+    ), reload="TensorRT-LLM's PyTorch backend holds the per-channel weight_scale in the model dtype"),
+    "int4_awq": Storage("W4A16_AWQ", "int4_awq", (
+        TensorSpec("weight", "codes", UINT8, PACKED, packed=True),
+        TensorSpec("weight_scale", "weight_scale", FP32, GROUPS),
+        TensorSpec("pre_quant_scale", "pqs", None, ("in",), unfused_only=True),
+    ), pre_quant_scale=True, **_HF_AWQ_FAMILY),
+    "w4a8_awq": Storage("W4A8_AWQ", "w4a8_awq", (
+        TensorSpec("weight", "codes", UINT8, PACKED, packed=True),
+        TensorSpec("weight_scale", "weight_scale", FP32, GROUPS),
+        TensorSpec("weight_scale_2", "weight_scale_2", FP32, ()),
+        TensorSpec("input_scale", "act_scale", FP32, ()),
+        TensorSpec("pre_quant_scale", "pqs", None, ("in",), unfused_only=True),
+    ), pre_quant_scale=True, shared_in_fused=("weight_scale_2", "act_scale"), **_HF_AWQ_FAMILY),
+}
+# GPTQ / RTN per-group INT4 go through W4A16_AWQ: TensorRT-LLM's PyTorch loader reads pre_quant_scale
+# on o_proj/down_proj unconditionally, so they carry ones there (and nothing to fold elsewhere).
+HF["int4_wo"] = HF["int4_gptq"] = Storage("W4A16_AWQ", "int4_wo", HF["int4_awq"].tensors, **_HF_AWQ_FAMILY)
+
+HF_KV_SCALES = ("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale")  # shape (), float32
+HF_KV_ALGOS = ("FP8",)  # vLLM's ModelOpt loader: FP8 (and NVFP4) KV caches only
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# trtllm-build options per quant_algo beyond the common ones (data for build.py).
+BUILD_OPTIONS: dict[str, dict] = {
+    "FP8": {"gemm_plugin": "auto", "fp8_context_fmha": True},
+    "FP8_PER_CHANNEL_PER_TOKEN": {"gemm_plugin": "auto"},
+    "W8A16": {"gemm_plugin": "auto"},
+    "W4A16_AWQ": {"gemm_plugin": "auto"},
+    "W4A8_AWQ": {"gemm_plugin": "auto"},
+    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": {"gemm_plugin": "auto"},
+    "W8A8_SQ_PER_CHANNEL": {"gemm_plugin": "auto"},
+    "MIXED_PRECISION": {"gemm_plugin": "auto"},
+}
+
+
+@dataclass
+class Dims:
+    """The sizes the symbolic dimensions stand for, for one linear (whole, not per rank)."""
+
+    out: int
+    inp: int
+    group: int | None = None
+    values: dict = field(init=False)
+
+    def __post_init__(self):
+        self.values = {"out": self.out, "in": self.inp, "out/2": self.out // 2, "1": 1}
+        if self.group:
+            self.values["in/g"] = self.inp // self.group
+
+    def shape(self, spec_shape: tuple[str, ...], parallel: str | None = None, tp: int = 1) -> tuple[int, ...]:
+        """The concrete shape of one rank's tensor."""
+        axis = split_axis(spec_shape, parallel) if parallel else None
+        return tuple(self.values[d] // (tp if i == axis else 1) for i, d in enumerate(spec_shape))
+
+
+def split_axis(spec_shape: tuple[str, ...], parallel: str) -> int | None:
+    """The dimension tensor parallelism splits: ``out*`` of a column-, ``in*`` of a row-parallel linear."""
+    prefix = "out" if parallel == "column" else "in"
+    return next((i for i, d in enumerate(spec_shape) if d.startswith(prefix)), None)
+
+
+def trtllm_layer_config(storage: Storage, group_size: int | None) -> dict:
+    """The per-layer quantization entry ModelOpt's ``process_layer_quant_config`` writes."""
+    entry = {"quant_algo": storage.quant_algo}
+    if storage.grouped:
+        entry.update(group_size=group_size, has_zero_point=False, pre_quant_scale=storage.pre_quant_scale)
+    return entry

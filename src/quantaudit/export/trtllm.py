@@ -1,0 +1,276 @@
+"""A :class:`~quantaudit.quant.engine.QuantizedModel` as a TensorRT-LLM checkpoint.
+
+``config.json`` has the keys, order and values ModelOpt 0.47's ``export_tensorrt_llm_checkpoint``
+writes for a Llama model without ``tensorrt_llm`` installed (``tensorrt_llm_utils
+.convert_to_tensorrt_llm_config``; compared with /work/shared/reference in the tests) with two
+deliberate differences: ``producer`` names quantaudit, and ``rotary_base`` is written - ModelOpt
+0.47 drops it under transformers 5 (``rope_theta`` moved into ``rope_parameters``), which would make
+TensorRT-LLM fall back to 10000 (SmolLM2 uses 100000). ``rank`` is 0 (ModelOpt writes the rank of
+the last writer; TensorRT-LLM sets the rank itself). Tensors follow :mod:`quantaudit.export.layout`;
+per rank, column-parallel linears are split on their outputs (Q, K and V each by whole heads, so
+GQA groups stay on one rank), row-parallel ones on their inputs, the vocabulary embedding and
+lm_head on the vocabulary. Linears left unquantized are listed in ``exclude_modules`` (with
+``lm_head`` unless it is quantized); a model whose quantized linears need more than one layer
+config (formats, or the INT4 group size where a layer fell back to 64) is ``MIXED_PRECISION``
+with ``quant_cfg.json``, as ModelOpt's ``process_layer_quant_config`` writes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import __version__
+from ..errors import UserError
+from ..quant.formats import get_kv_cache_format
+from .layout import (DECODER_NORMS, DECODER_SLOTS, DTYPES, KV_CACHE_SCALE, KV_SEPARATE_SCALES, LM_HEAD_SLOT, TOP_TENSORS,
+                     TRTLLM, Dims, Slot, Storage, split_axis, trtllm_layer_config)
+from .linears import PLAIN, ModelFacts, Part, common_format, encode, model_facts, out_axis, parts_of, role_value
+from .packing import shard
+
+INT4_PAD_MULTIPLE = {"W4A16_AWQ": 64, "W4A8_AWQ": 128}  # WeightOnlyGroupwiseQuantLinear pads in/out to max(this, group) * tp
+
+
+@dataclass
+class PlacedSlot:
+    """One TensorRT-LLM linear of this model: where it goes and how it is stored."""
+
+    name: str  # full TensorRT-LLM name
+    slot: Slot
+    parts: list[Part]
+    format: str | None  # None: unquantized
+    group_size: int | None
+
+    @property
+    def storage(self) -> Storage:
+        return TRTLLM[self.format] if self.format else PLAIN
+
+    def dims(self) -> Dims:
+        return Dims(sum(p.record.out_features for p in self.parts), self.parts[0].record.in_features, self.group_size)
+
+    def layer_config(self) -> dict | None:
+        return trtllm_layer_config(self.storage, self.group_size) if self.format else None
+
+
+@dataclass
+class TrtllmCheckpoint:
+    config: dict
+    quant_cfg: dict | None  # MIXED_PRECISION only
+    ranks: list[dict[str, torch.Tensor]]
+    slots: list[PlacedSlot]
+    notes: list[str] = field(default_factory=list)  # where what TensorRT-LLM runs differs from the audit
+    warnings: list[str] = field(default_factory=list)  # what TensorRT-LLM may not load
+    build_flags: list[tuple[list[str], str]] = field(default_factory=list)  # trtllm-build flags it needs, and why
+
+
+def place_slots(qm, facts: ModelFacts) -> list[PlacedSlot]:
+    placed = []
+    for i in range(facts.layers):
+        for slot in DECODER_SLOTS:
+            name = f"transformer.layers.{i}.{slot.name}"
+            parts = parts_of(qm, [f"model.layers.{i}.{p}" for p in slot.hf])
+            placed.append(PlacedSlot(name, slot, parts, *common_format(parts, name)))
+    head = parts_of(qm, ["lm_head"])
+    placed.append(PlacedSlot("lm_head", LM_HEAD_SLOT, head, *common_format(head, "lm_head")))
+    for p in placed:
+        if p.format and p.format not in TRTLLM:
+            raise UserError(f"format {p.format} has no TensorRT-LLM checkpoint layout")
+    return placed
+
+
+def _check_blocks(placed: list[PlacedSlot]) -> None:
+    """Formats TensorRT-LLM applies to whole attention/MLP blocks admit no exclusion or mixing."""
+    decoder = [p for p in placed if p.slot is not LM_HEAD_SLOT]
+    head = placed[-1]
+    if head.format and head.storage.whole_blocks:
+        raise UserError(f"TensorRT-LLM's {head.storage.quant_algo} leaves lm_head unquantized; export without quantizing lm_head")
+    for p in decoder:
+        if p.format and p.storage.whole_blocks and any(q.format != p.format for q in decoder):
+            odd = next(q for q in decoder if q.format != p.format)
+            raise UserError(
+                f"{p.storage.quant_algo} quantizes whole attention/MLP blocks in TensorRT-LLM, but {odd.name} is "
+                f"{odd.format or 'unquantized'}; quantize every decoder linear to {p.format} (no exclusions or plans)"
+            )
+
+
+def check_trtllm_request(config, tp: int) -> ModelFacts:
+    """The model is exportable and ``tp`` splits it (checked before quantizing)."""
+    facts = model_facts(config)
+    if tp < 1:
+        raise UserError(f"--tp must be at least 1 (got {tp})")
+    sizes = {"attention heads": facts.heads, "KV heads": facts.kv_heads, "intermediate size": facts.intermediate,
+             "vocabulary": facts.vocab}
+    for what, n in sizes.items():
+        if n % tp:
+            raise UserError(f"--tp {tp} does not divide the {n} {what}; choose a tensor-parallel size that does")
+    return facts
+
+
+def _check_groups(placed: list[PlacedSlot], tp: int) -> None:
+    for p in placed:
+        if p.group_size and p.slot.parallel == "row" and (p.dims().inp // tp) % p.group_size:
+            raise UserError(f"--tp {tp}: {p.name} would split its {p.dims().inp} inputs into shards that are not whole "
+                            f"groups of {p.group_size}")
+
+
+def _tensor(spec, placed: PlacedSlot, tp: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Every rank's ``placed.<suffix>`` tensor."""
+    value = role_value(spec, placed.parts, placed.name)
+    axis = split_axis(spec.shape, placed.slot.parallel)
+    ranks = []
+    for r in range(tp):
+        if isinstance(value, torch.Tensor):
+            t = shard(value, axis, tp, r)
+        elif placed.slot.parallel == "column":  # each of Q, K, V split by heads, then concatenated
+            t = torch.cat([shard(v, axis, tp, r) for v in value], dim=out_axis(spec))
+        else:
+            t = shard(torch.cat(value, dim=out_axis(spec)), axis, tp, r)
+        ranks.append(encode(t, spec, dtype))
+    return ranks
+
+
+def _linear_tensors(placed: PlacedSlot, tp: int, dtype: torch.dtype) -> dict[str, list[torch.Tensor]]:
+    specs = [s for s in placed.storage.tensors if not (s.row_only and placed.slot.parallel != "row")]
+    return {f"{placed.name}.{s.suffix}": _tensor(s, placed, tp, dtype) for s in specs}
+
+
+def _quantization(placed: list[PlacedSlot], kv_algo: str | None) -> tuple[dict, dict | None]:
+    configs = [p.layer_config() for p in placed if p.format]
+    if not configs:
+        raise UserError("nothing is quantized: export a quantized format (see `quantaudit formats`)")
+    distinct = {str(c): c for c in configs}
+    if len(distinct) == 1:
+        layer = next(iter(distinct.values()))
+        extra = {k: v for k, v in layer.items() if k != "quant_algo"}
+        excluded = sorted(p.name for p in placed if not p.format)
+        return {"quant_algo": layer["quant_algo"], "kv_cache_quant_algo": kv_algo, **extra,
+                "exclude_modules": excluded}, None
+    blocky = next((p for p in placed if p.format and p.storage.whole_blocks), None)
+    if blocky:
+        raise UserError(f"{blocky.storage.quant_algo} cannot be part of a mixed-precision TensorRT-LLM checkpoint")
+    layers = {p.name: p.layer_config() for p in placed if p.format}
+    return ({"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": kv_algo},
+            {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": kv_algo, "quantized_layers": layers})
+
+
+def _config(facts: ModelFacts, dtype_name: str, tp: int, quantization: dict) -> dict:
+    return {
+        "producer": {"name": "quantaudit", "version": __version__},
+        "architecture": "LlamaForCausalLM",
+        "dtype": dtype_name,
+        "logits_dtype": "float16" if dtype_name == "bfloat16" else dtype_name,
+        "num_hidden_layers": facts.layers,
+        "num_attention_heads": facts.heads,
+        "num_key_value_heads": facts.kv_heads,
+        "hidden_size": facts.hidden,
+        "norm_epsilon": facts.eps,
+        "vocab_size": facts.vocab,
+        "max_position_embeddings": facts.max_positions,
+        "hidden_act": facts.hidden_act,
+        "use_parallel_embedding": True,
+        "embedding_sharding_dim": 0,
+        "head_size": facts.head_dim,
+        "intermediate_size": facts.intermediate,
+        "position_embedding_type": "rope_gpt_neox",
+        "share_embedding_table": False,
+        "residual_mlp": False,
+        "bias": False,
+        "rotary_pct": 1.0,
+        "rank": 0,
+        "decoder": "llama",
+        "rmsnorm": True,
+        "lm_head_bias": False,
+        "rotary_base": facts.rope_theta,
+        "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1},
+        "quantization": quantization,
+    }
+
+
+def _notes(qm, placed: list[PlacedSlot], dtype_name: str, tp: int) -> tuple[list[str], list[tuple[list[str], str]]]:
+    """Where what TensorRT-LLM loads or runs differs from the audited model, and build flags that avoid it."""
+    notes, flags = [], []
+    used = {p.storage.quant_algo: p.storage for p in placed if p.format}
+    notes += [f"{algo}: {s.reload}" for algo, s in used.items() if s.reload]
+    if dtype_name != "float32":
+        notes.append(f"embeddings, norms, unquantized linears and pre-quant scales are stored in {dtype_name} "
+                     "(the audit computed with their float32 values)")
+    if dtype_name == "bfloat16" and any(p.group_size for p in placed):
+        notes.append("TensorRT-LLM casts INT4 group scales to bfloat16; the audited scales are float16 values")
+    if "W4A8_AWQ" in used:
+        notes.append("W4A8_AWQ: TensorRT-LLM's loader stores weights_scaling_factor / weights_scaling_factor_2 in float16 "
+                     "for the kernel (up to 2^-11 relative per group scale); the audit used the float32 ratio")
+    fc_gate = [(a, b) for a, b in zip(placed, placed[1:]) if a.slot.name == "mlp.fc" and b.slot.name == "mlp.gate"]
+    if any(a.format == b.format == "fp8" and not torch.equal(a.parts[0].record.weight_scale, b.parts[0].record.weight_scale)
+           for a, b in fc_gate):
+        flags.append((["--use_fused_mlp", "disable"], "FP8 gate/up have separate weight scales; trtllm-build's fused "
+                      "gate MLP would re-quantize both to the larger one"))
+    differ = [i for i, s in qm.kv_scales.items() if not torch.equal(s.k_scale, s.v_scale)]
+    if differ:
+        ratio = max(max(s.k_scale, s.v_scale) / min(s.k_scale, s.v_scale) for s in qm.kv_scales.values()).item()
+        notes.append(f"KV cache: TensorRT-LLM uses one scale per layer, max(K, V) (kv_cache_scaling_factor); the audit "
+                     f"used separate K and V scales, in {len(differ)} of {len(qm.kv_scales)} layers different (up to "
+                     f"{ratio:.1f}x): the smaller of K/V is stored on a coarser grid than audited")
+    return notes, flags
+
+
+def _warnings(placed: list[PlacedSlot], tp: int) -> list[str]:
+    """Loadability caveats: TensorRT-LLM's groupwise INT4 layers pad in/out features to a multiple of
+    max(64, group) * tp (128 for W4A8) and then require checkpoint tensors of the padded shape; ModelOpt
+    writes them unpadded, as we do, so such layers do not load into trtllm-build."""
+    odd = []
+    for p in placed:
+        multiple = INT4_PAD_MULTIPLE.get(p.storage.quant_algo)
+        if multiple and any(n % (max(multiple, p.group_size) * tp) for n in (p.dims().out, p.dims().inp)):
+            odd.append(f"{p.name} ({p.dims().out}x{p.dims().inp}, multiple {max(multiple, p.group_size) * tp})")
+    if not odd:
+        return []
+    return [f"{len(odd)} INT4 linears have sizes TensorRT-LLM's groupwise layer pads (it then expects padded "
+            f"checkpoint tensors; this checkpoint, like ModelOpt's, is unpadded), e.g. {odd[0]}: trtllm-build is "
+            "expected to reject them"]
+
+
+def build_trtllm(qm, base_config, dtype: str = "float16", tp: int = 1) -> TrtllmCheckpoint:
+    """The TensorRT-LLM checkpoint of ``qm``: config, per-rank tensors and fidelity notes."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    torch_dtype = DTYPES[dtype]
+    facts = check_trtllm_request(base_config, tp)
+    placed = place_slots(qm, facts)
+    _check_blocks(placed)
+    _check_groups(placed, tp)
+    kv_algo = get_kv_cache_format(qm.spec.kv_cache).trtllm_kv_cache_quant_algo
+    quantization, quant_cfg = _quantization(placed, kv_algo)
+
+    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+
+    def put(name: str, per_rank: list[torch.Tensor]) -> None:
+        for r, t in enumerate(per_rank):
+            ranks[r][name] = t
+
+    def replicated(t: torch.Tensor, axis: int | None = None) -> list[torch.Tensor]:
+        return [shard(t, axis, tp, r).contiguous() for r in range(tp)]
+
+    state = qm.model.state_dict()
+    for name, (hf_name, axis) in TOP_TENSORS.items():
+        put(name, replicated(state[hf_name].to(torch_dtype), axis))
+    by_layer: dict[str, list[PlacedSlot]] = {}
+    for p in placed:
+        by_layer.setdefault(p.name.rsplit(".", 2)[0], []).append(p)
+        for suffix, per_rank in _linear_tensors(p, tp, torch_dtype).items():
+            put(suffix, per_rank)
+    for i in range(facts.layers):
+        prefix = f"transformer.layers.{i}"
+        for trt_norm, hf_norm in DECODER_NORMS.items():
+            put(f"{prefix}.{trt_norm}.weight", replicated(state[f"model.layers.{i}.{hf_norm}.weight"].to(torch_dtype)))
+            fed = [p for p in by_layer[prefix] if p.slot.norm == trt_norm and p.format]
+            for spec in {s.suffix: s for p in fed for s in p.storage.norm_tensors}.values():
+                put(f"{prefix}.{trt_norm}.{spec.suffix}", replicated(torch.ones(1, dtype=spec.dtype)))
+        if i in qm.kv_scales:
+            k, v = qm.kv_scales[i].k_scale.float().reshape(1), qm.kv_scales[i].v_scale.float().reshape(1)
+            put(f"{prefix}.{KV_CACHE_SCALE}", replicated(torch.maximum(k, v)))
+            for suffix, value in zip(KV_SEPARATE_SCALES, (k, v)):
+                put(f"{prefix}.{suffix}", replicated(value))
+    notes, flags = _notes(qm, placed, dtype, tp)
+    config = _config(facts, dtype, tp, quantization)
+    return TrtllmCheckpoint(config, quant_cfg, ranks, placed, notes=notes, build_flags=flags, warnings=_warnings(placed, tp))

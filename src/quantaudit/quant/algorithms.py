@@ -1,0 +1,149 @@
+"""Weight-preparation algorithms behind one interface, chosen by ``QuantFormat.algorithm``.
+
+Like llm-compressor's modifiers, each algorithm declares the calibration statistics it needs
+(``needs(spec)``) and turns one :class:`GroupJob` — the linears of a layer that read the same input
+and share a format — into stored codes and scales. The registry :data:`ALGORITHMS` is keyed by
+the format's ``algorithm`` field; no code branches on a format's name.
+
+* ``rtn``: round-to-nearest from max |w| (ModelOpt's ``max`` calibration of weights).
+* ``smoothquant``: :mod:`quantaudit.quant.smoothquant`, then RTN.
+* ``awq``: AWQ scale search, then per-group clip search, then RTN with the clipped amax
+  (llm-awq ``auto_scale`` + ``auto_clip``; :mod:`quantaudit.quant.awq`).
+* ``gptq``: GPTQ on the layer's input Hessian (:mod:`quantaudit.quant.gptq`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import awq, gptq, smoothquant
+from .calibrate import InputStats
+from .formats import QuantFormat
+from .qlinear import FP16_TINY, SCALE_DTYPE, QuantizedWeight, quantize_weight, stored_weight, weight_amax
+
+
+@dataclass
+class GroupJob:
+    """Linears of one layer reading the same input, all to be quantized to ``fmt``."""
+
+    fmt: QuantFormat
+    spec: object  # engine.QuantSpec (options of the algorithms)
+    names: list[str]
+    linears: list[nn.Linear]
+    group_size: int | None  # the group size used (None unless the format is per group)
+    fused: bool  # TensorRT-LLM fuses them into one GEMM: share a per-tensor weight scale
+    stats: InputStats | None
+    norm: nn.Module | None = None  # set when the job covers the whole group and a norm feeds it
+    norm_name: str | None = None
+
+
+@dataclass
+class LinearResult:
+    qweight: QuantizedWeight
+    pre_quant_scale: torch.Tensor | None = None  # multiplies the input at run time
+    input_multiplier: torch.Tensor | None = None  # x seen by the activation quantizer = x * this
+    details: dict = field(default_factory=dict)
+
+
+def _weights(job: GroupJob) -> list[torch.Tensor]:
+    return [linear.weight.detach().float() for linear in job.linears]
+
+
+def _round_to_nearest(job: GroupJob, weights: list[torch.Tensor]) -> list[QuantizedWeight]:
+    """RTN of each weight; a fused group with per-tensor scales shares the largest amax (TensorRT-LLM's qkv)."""
+    wq = job.fmt.weight
+    shared = None
+    if job.fused and wq.granularity == "tensor":
+        shared = torch.stack([weight_amax(w, wq) for w in weights]).amax()
+    return [quantize_weight(w, wq, job.group_size, shared) for w in weights]
+
+
+class RoundToNearest:
+    def needs(self, spec) -> set[str]:
+        return set()
+
+    def run(self, job: GroupJob) -> list[LinearResult]:
+        return [LinearResult(qw) for qw in _round_to_nearest(job, _weights(job))]
+
+
+class SmoothQuant:
+    def needs(self, spec) -> set[str]:
+        return {"amax", "inputs"} if spec.smoothquant_alpha == "search" else {"amax"}
+
+    def run(self, job: GroupJob) -> list[LinearResult]:
+        weights = _weights(job)
+        if job.spec.smoothquant_alpha == "search":
+            alpha, s = smoothquant.search_alpha(job.stats.inputs(), weights, job.stats.amax, job.fmt)
+        else:
+            alpha = job.spec.smoothquant_alpha
+            s = smoothquant.smoothing_scale(job.stats.amax, weights, alpha)
+        details = {"alpha": alpha, "smoothing_scale": s}  # s: x / s feeds W * s
+        if job.norm is not None:
+            job.norm.weight.data.div_(s.to(job.norm.weight.dtype))
+            pre_quant_scale = None
+            details["smoothed_into"] = job.norm_name
+        else:
+            pre_quant_scale = 1.0 / s
+        smoothed = [w * s for w in weights]
+        return [
+            LinearResult(qw, pre_quant_scale, 1.0 / s, dict(details)) for qw in _round_to_nearest(job, smoothed)
+        ]
+
+
+# llm-awq's auto_clip skips the query and key projections: the softmax amplifies their errors.
+AWQ_NO_CLIP = ("q_proj", "k_proj")
+
+
+class AWQ:
+    def needs(self, spec) -> set[str]:
+        return {"inputs"}
+
+    def run(self, job: GroupJob) -> list[LinearResult]:
+        wq, opts = job.fmt.weight, job.spec.awq
+        x = job.stats.inputs()
+        weights = _weights(job)
+        s = awq.search_scale(x, weights, bits=wq.bits, group_size=job.group_size, n_grid=opts.n_grid)
+        xs = x / s
+        results = []
+        for name, w in zip(job.names, weights):
+            scaled = w * s
+            clip = not name.endswith(AWQ_NO_CLIP)
+            amax = (
+                awq.search_clip(xs, scaled, bits=wq.bits, group_size=job.group_size, n_grid=opts.n_grid, max_shrink=opts.max_shrink)
+                if clip
+                else None
+            )
+            qw = quantize_weight(scaled, wq, job.group_size, amax)
+            results.append(LinearResult(qw, 1.0 / s, 1.0 / s, {"awq_tokens": x.shape[0], "clipped": clip}))
+        return results
+
+
+class GPTQ:
+    def needs(self, spec) -> set[str]:
+        return {"hessian"}
+
+    def run(self, job: GroupJob) -> list[LinearResult]:
+        wq, opts = job.fmt.weight, job.spec.gptq
+        hessian = job.stats.hessian.hessian()
+        results = []
+        for w in _weights(job):
+            codes, scales = gptq.gptq_quantize(
+                w, hessian, bits=wq.bits, group_size=job.group_size,
+                block_size=opts.block_size, percdamp=opts.percdamp, act_order=opts.act_order,
+            )
+            # Stored as TensorRT-LLM holds group scales (fp16): see quant.qlinear.
+            scale = scales.clamp_min(FP16_TINY).to(SCALE_DTYPE[wq.granularity])
+            qw = stored_weight(codes.to(torch.int8), scale, job.group_size, wq)
+            results.append(LinearResult(qw, details={"hessian_tokens": job.stats.hessian.n_samples}))
+        return results
+
+
+ALGORITHMS = {
+    "rtn": RoundToNearest(),
+    "smoothquant": SmoothQuant(),
+    "awq": AWQ(),
+    "gptq": GPTQ(),
+}

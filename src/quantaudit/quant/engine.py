@@ -1,0 +1,344 @@
+"""``quantize()``: a Llama-family causal LM to one TensorRT-LLM format, keeping every stored number.
+
+The input model is deep-copied and left untouched. In the copy every quantized ``nn.Linear`` is
+replaced by a :class:`~quantaudit.quant.qlinear.QuantLinear` that computes with exactly the codes
+and scales recorded in :attr:`QuantizedModel.layers`, which is what the exporter writes.
+
+Which linears are quantized follows TensorRT-LLM / ModelOpt: all decoder-layer linears; lm_head is
+excluded by default (ModelOpt's default disabled ``*lm_head*``; ``include_lm_head=True`` quantizes
+it, untying it from the embedding first); embeddings and norms are never quantized. ``exclude``
+takes fnmatch patterns on module names (``model.layers.0.mlp.down_proj``). Per-group formats use
+``group_size`` (TensorRT-LLM supports 128 and 64); a layer whose input size it does not divide
+falls back to 64, and a layer neither divides stays unquantized with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..data import Windows
+from ..errors import UserError
+from ..progress import track
+from .algorithms import ALGORITHMS, GroupJob
+from .calibrate import DECODER_GROUPS, LM_HEAD_GROUP, InputStats, LinearGroup, collect, decoder_layers, first_layer_inputs, propagate
+from .formats import QuantFormat, get_format, get_kv_cache_format
+from .kvcache import install_kv_quantizers
+from .numerics import quant_scale
+from .qlinear import QuantizedWeight, QuantLinear
+
+GROUP_SIZES = (128, 64)  # the INT4 group sizes TensorRT-LLM's kernels take
+UNQUANTIZED_BYTES = 2  # an unquantized weight is held in fp16/bf16 by the engine
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """IST-DASLab/gptq and llm-compressor defaults."""
+
+    block_size: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+
+
+@dataclass(frozen=True)
+class AWQOptions:
+    """llm-awq defaults: 20-point grids, clip shrink down to 50 %."""
+
+    n_grid: int = 20
+    max_shrink: float = 0.5
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize and how; formats named as ModelOpt's ``--qformat``."""
+
+    format: str = "int8_wo"
+    kv_cache: str = "none"  # "none" | "fp8" | "int8"
+    group_size: int = 128
+    exclude: tuple[str, ...] = ()
+    include_lm_head: bool = False
+    smoothquant_alpha: float | str = 0.5  # or "search": per-group grid search (quant.smoothquant)
+    gptq: GPTQOptions = GPTQOptions()
+    awq: AWQOptions = AWQOptions()
+    plan: dict[str, str] | None = None  # {module name: format} overrides, for mixed precision
+    search_tokens: int | None = None  # calibration tokens kept for the AWQ / alpha searches (None: all)
+    calib_batch: int = 8  # calibration windows per forward pass
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LayerRecord:
+    """One linear layer as quantized: the exact stored tensors, or why it was left unquantized."""
+
+    name: str
+    format: str  # the format asked for this layer
+    in_features: int
+    out_features: int
+    bits: int | None = None  # bits per stored weight code
+    codes: torch.Tensor | None = None  # int8 (INT8/INT4 codes) or float8_e4m3fn
+    weight_scale: torch.Tensor | None = None  # [] / [out, 1] float32, or [out, in // group] fp16
+    weight_scale_2: torch.Tensor | None = None  # W4A8: per-tensor FP8 scale of codes * weight_scale
+    requant: str | None = None  # kind of that second stage ("fp8"), see qlinear.QuantizedWeight
+    group_size: int | None = None  # the group size actually used
+    act_scale: torch.Tensor | None = None  # static activation scale (None: dynamic or no act quant)
+    pre_quant_scale: torch.Tensor | None = None  # input multiplier before quantization
+    bias: torch.Tensor | None = None
+    fallback_reason: str | None = None  # why the layer is not quantized
+    details: dict = field(default_factory=dict)  # algorithm facts: alpha, smoothed_into, tokens
+
+    @property
+    def quantized(self) -> bool:
+        return self.codes is not None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return QuantizedWeight(self.codes, self.weight_scale, self.group_size, self.requant, self.weight_scale_2).dequantize()
+
+    def storage_bytes(self) -> int:
+        """Bytes in the engine: packed codes plus every stored scale; unquantized at 16 bit."""
+        bias = 0 if self.bias is None else self.bias.numel() * UNQUANTIZED_BYTES
+        if not self.quantized:
+            return self.in_features * self.out_features * UNQUANTIZED_BYTES + bias
+        extras = (self.weight_scale, self.weight_scale_2, self.act_scale, self.pre_quant_scale)
+        return math.ceil(self.codes.numel() * self.bits / 8) + sum(t.numel() * t.element_size() for t in extras if t is not None) + bias
+
+
+@dataclass
+class KVScales:
+    """Per-layer KV-cache scales (key after RoPE) and the calibration maxima they came from."""
+
+    format: str
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+    k_amax: torch.Tensor
+    v_amax: torch.Tensor
+
+
+@dataclass
+class QuantizedModel:
+    model: nn.Module  # a normal HF causal LM; forward(...).logits
+    spec: QuantSpec
+    layers: dict[str, LayerRecord]
+    kv_scales: dict[int, KVScales]
+    calib_info: dict
+    seconds: float  # wall time of quantize()
+
+    def weight_bytes_breakdown(self) -> dict[str, int]:
+        """Weight storage as the engine holds it: quantized linears (codes + scales), unquantized
+        linears and every other parameter (embeddings, norms) at 16 bit. A tied lm_head counts
+        separately from the embedding, as TensorRT-LLM checkpoints store both."""
+        quantized = sum(r.storage_bytes() for r in self.layers.values() if r.quantized)
+        unquantized = sum(r.storage_bytes() for r in self.layers.values() if not r.quantized)
+        other = sum(
+            p.numel() * UNQUANTIZED_BYTES
+            for name, p in self.model.named_parameters()
+            if name.rsplit(".", 1)[0] not in self.layers
+        )
+        return {"quantized_linears": quantized, "unquantized_linears": unquantized, "other_16bit": other}
+
+    def weight_bytes(self) -> int:
+        return sum(self.weight_bytes_breakdown().values())
+
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes per token over all layers (K and V); 16 bit without KV quantization."""
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        bits = get_kv_cache_format(self.spec.kv_cache).bits
+        return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * bits // 8
+
+    def fallbacks(self) -> dict[str, str]:
+        """Layers left unquantized and why (for the report)."""
+        return {name: r.fallback_reason for name, r in self.layers.items() if not r.quantized}
+
+
+@dataclass
+class _Assignment:
+    fmt: QuantFormat
+    group_size: int | None
+    reason: str | None  # set: left unquantized
+
+
+def _check_spec(spec: QuantSpec) -> None:
+    if spec.group_size not in GROUP_SIZES:
+        raise UserError(f"group size {spec.group_size} is not supported; TensorRT-LLM takes {' or '.join(map(str, GROUP_SIZES))}")
+    alpha = spec.smoothquant_alpha
+    if alpha != "search" and not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+        raise UserError(f"SmoothQuant alpha must be in [0, 1] or 'search' (got {alpha!r})")
+    if spec.calib_batch < 1:
+        raise UserError(f"calibration batch must be at least 1 (got {spec.calib_batch})")
+
+
+def _group_size_for(in_features: int, requested: int) -> tuple[int | None, str | None]:
+    candidates = [g for g in (requested, *GROUP_SIZES) if g <= requested]
+    for g in dict.fromkeys(candidates):
+        if in_features % g == 0:
+            return g, None
+    tried = " or ".join(map(str, dict.fromkeys(candidates)))
+    return None, f"input size {in_features} is not a multiple of group size {tried}; kept unquantized (16-bit)"
+
+
+def _assign(model: nn.Module, names: list[str], spec: QuantSpec) -> dict[str, _Assignment]:
+    plan = dict(spec.plan or {})
+    unknown = sorted(set(plan) - set(names))
+    if unknown:
+        raise UserError(f"plan names unknown layer {unknown[0]!r}; layer names look like {names[0]!r}")
+    out = {}
+    for name in names:
+        fmt = get_format(plan.get(name, spec.format))
+        linear = model.get_submodule(name)
+        reason = None
+        pattern = next((p for p in spec.exclude if fnmatch.fnmatchcase(name, p)), None)
+        if name == "lm_head" and not spec.include_lm_head:
+            reason = "lm_head is excluded by default (TensorRT-LLM's exclude list); include_lm_head quantizes it"
+        elif pattern is not None:
+            reason = f"excluded by pattern {pattern!r}"
+        elif fmt.weight is None:
+            reason = "format none: kept in full precision"
+        if reason and name in plan and fmt.weight is not None:
+            raise UserError(f"plan quantizes {name} to {fmt.name}, but {reason.split(';')[0]}")
+        group_size = None
+        if reason is None and fmt.weight.granularity == "group":
+            group_size, reason = _group_size_for(linear.in_features, spec.group_size)
+        out[name] = _Assignment(fmt, group_size, reason)
+    return out
+
+
+def _needs(fmt: QuantFormat, spec: QuantSpec) -> set[str]:
+    """Calibration statistics a format needs: its algorithm's, plus max |x| for a static activation scale."""
+    needs = set(ALGORITHMS[fmt.algorithm].needs(spec))
+    if fmt.act is not None and not fmt.act.dynamic:
+        needs.add("amax")
+    return needs
+
+
+def _jobs(root: nn.Module, prefix: str, groups: tuple[LinearGroup, ...], assignments, spec, total_tokens: int):
+    """Per group of ``root``: the statistics to collect (keyed by the module whose input they watch) and the jobs."""
+    stats: dict[nn.Module, InputStats] = {}
+    jobs: list[tuple[list[str], GroupJob]] = []
+    for group in groups:
+        first = root.get_submodule(group.linears[0])
+        by_format: dict[str, list[str]] = {}
+        for path in group.linears:
+            a = assignments[prefix + path]
+            if a.reason is None:
+                by_format.setdefault(a.fmt.name, []).append(path)
+        needs = set().union(*(_needs(get_format(f), spec) for f in by_format))
+        group_stats = InputStats(first.in_features, needs, total_tokens, spec.search_tokens) if needs else None
+        if group_stats is not None:
+            stats[first] = group_stats
+        for fmt_name, paths in by_format.items():
+            a = assignments[prefix + paths[0]]
+            whole = len(paths) == len(group.linears) and group.norm is not None
+            job = GroupJob(
+                fmt=a.fmt, spec=spec, names=[prefix + p for p in paths], linears=[root.get_submodule(p) for p in paths],
+                group_size=a.group_size, fused=group.fused, stats=group_stats,
+                norm=root.get_submodule(group.norm) if whole else None, norm_name=prefix + group.norm if whole else None,
+            )
+            jobs.append((paths, job))
+    return stats, jobs
+
+
+def _run_jobs(root: nn.Module, jobs, records: dict[str, LayerRecord]) -> None:
+    for paths, job in jobs:
+        results = ALGORITHMS[job.fmt.algorithm].run(job)
+        if job.fused and job.fmt.weight.requant is not None:  # one FP8 weight range for the fused qkv GEMM
+            shared = torch.stack([r.qweight.scale_2 for r in results]).amax()
+            for r in results:
+                r.qweight.scale_2 = shared
+        act = job.fmt.act
+        for path, name, linear, result in zip(paths, job.names, job.linears, results):
+            act_scale = None
+            if act is not None and not act.dynamic:
+                amax = job.stats.amax if result.input_multiplier is None else job.stats.amax * result.input_multiplier
+                act_scale = quant_scale(act.kind, amax.amax(), act.bits)
+            module = QuantLinear(result.qweight, job.fmt, linear.bias, act_scale, result.pre_quant_scale)
+            root.set_submodule(path, module)
+            records[name] = LayerRecord(
+                name, job.fmt.name, module.in_features, module.out_features, bits=job.fmt.weight.bits,
+                codes=module.codes, weight_scale=module.weight_scale, weight_scale_2=module.weight_scale_2,
+                requant=module.requant, group_size=module.group_size,
+                act_scale=module.act_scale, pre_quant_scale=module.pre_quant_scale, bias=module.bias,
+                details=result.details,
+            )
+
+
+def _untie_lm_head(model: nn.Module) -> None:
+    """Give lm_head its own weight so quantizing it never touches the embedding."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight is embedding.weight:
+        head.weight = nn.Parameter(embedding.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+
+
+def _calib_info(calib: Windows | None, used: bool) -> dict:
+    if calib is None:
+        return {"used": used, "source": None, "samples": 0, "tokens": 0, "seq_len": None}
+    return {
+        "used": used,  # False: the format's numbers do not depend on calibration data
+        "source": calib.source,
+        "samples": calib.n,
+        "tokens": int(calib.lengths.sum()),
+        "seq_len": calib.seq_len,
+        "fingerprint": calib.fingerprint,
+    }
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, spec: QuantSpec, calib: Windows | None, progress: bool = True) -> QuantizedModel:
+    """Quantize a copy of ``model`` as ``spec`` says, calibrating layer by layer on ``calib``."""
+    started = time.perf_counter()
+    get_format(spec.format)
+    kv_format = get_kv_cache_format(spec.kv_cache)
+    _check_spec(spec)
+    n_layers = len(decoder_layers(model))
+    names = [f"model.layers.{i}.{p}" for i in range(n_layers) for g in DECODER_GROUPS for p in g.linears] + ["lm_head"]
+    assignments = _assign(model, names, spec)
+
+    qmodel = copy.deepcopy(model).eval()
+    if assignments["lm_head"].reason is None:
+        _untie_lm_head(qmodel)
+    layers = qmodel.model.layers
+    kv_quantizers = install_kv_quantizers(qmodel, [l.self_attn for l in layers], kv_format) if kv_format.kind else None
+    quantized = [a.fmt for a in assignments.values() if a.reason is None]
+    calibrating = kv_quantizers is not None or any(_needs(f, spec) for f in quantized)
+    if calibrating and (calib is None or calib.n == 0):
+        raise UserError(f"{spec.format} with KV cache {spec.kv_cache} needs calibration text; give --calib")
+    total_tokens = int(calib.lengths.sum()) if calib is not None else 0
+    inputs = first_layer_inputs(qmodel, layers, calib.ids, calib.lengths, spec.calib_batch) if calibrating else None
+
+    records: dict[str, LayerRecord] = {}
+    kv_scales: dict[int, KVScales] = {}
+    head_stats, head_jobs = _jobs(qmodel, "", (LM_HEAD_GROUP,), assignments, spec, total_tokens)
+    steps = track(list(enumerate(layers)), f"quantizing to {spec.format}", total=n_layers) if progress else enumerate(layers)
+    for i, layer in steps:
+        stats, jobs = _jobs(layer, f"model.layers.{i}.", DECODER_GROUPS, assignments, spec, total_tokens)
+        if calibrating:
+            kvq = kv_quantizers[i] if kv_quantizers else None
+            if stats or kvq is not None:
+                collect(layer, stats, inputs, kvq)
+            if kvq is not None:
+                kvq.finish_calibration()
+                kv_scales[i] = KVScales(kv_format.name, kvq.k_scale, kvq.v_scale, kvq.k_amax, kvq.v_amax)
+        _run_jobs(layer, jobs, records)
+        if calibrating and (i + 1 < n_layers or head_stats):
+            propagate(layer, inputs)
+    for group_stats in head_stats.values():  # lm_head reads the final norm's output
+        for hidden, mask in zip(inputs.hidden, inputs.masks):
+            group_stats.add(qmodel.model.norm(hidden)[mask])
+    _run_jobs(qmodel, head_jobs, records)
+
+    for name, a in assignments.items():
+        if a.reason is not None:
+            linear = qmodel.get_submodule(name)
+            records[name] = LayerRecord(
+                name, a.fmt.name, linear.in_features, linear.out_features, bias=linear.bias, fallback_reason=a.reason
+            )
+    records = {name: records[name] for name in names}
+    return QuantizedModel(qmodel, spec, records, kv_scales, _calib_info(calib, calibrating), time.perf_counter() - started)

@@ -1,0 +1,315 @@
+"""``quantaudit autotune``: the cheapest mixed-precision plan that meets an accuracy budget.
+
+Steps, each measured on the same evaluation windows and the same cached baseline:
+
+1. quantize the whole model once per candidate format (``--formats`` and ``--fallback``) and
+   evaluate each: these are the uniform formats, real ``quantize()`` results;
+2. per-unit sensitivity in every format (:mod:`quantaudit.tune.candidates`);
+3. the search (:mod:`quantaudit.tune.search`), measuring plans composed from the per-format
+   models' modules;
+4. the chosen plan is quantized for real with ``quantize(QuantSpec(plan=...))`` and evaluated:
+   that is the reported result (what ``export`` writes). If the composed estimate was too
+   optimistic and the real plan misses the budget, more units are raised along the greedy order
+   and the plan is quantized again (at most ``verify_attempts`` times). The result is never worse
+   than the best uniform format: if that is cheaper than the verified plan, or the plan never
+   verifies, the uniform format is the plan.
+
+Outputs: ``DIR/autotune.json`` (plan, bytes, effective bits, metrics, ``best_uniform``, the
+trade-off curve with predicted and measured KLD per point), ``DIR/plan.json`` (just the plan, for
+``audit --plan`` / ``export``) and ``DIR/autotune.html`` (the report renderer's size-vs-KLD plot).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from .. import __version__
+from ..audit.budget import Limit, check_budget
+from ..data import load_windows
+from ..errors import EXIT_BUDGET_FAILED, EXIT_OK, UserError
+from ..evaluate import build_baseline, compare_to_baseline
+from ..fileio import atomic_write_json, atomic_write_text
+from ..models import load_model
+from ..progress import console
+from ..quant import QuantSpec, quantize
+from ..quant.formats import get_format
+from .candidates import Candidates
+from .cli import NONE, AutotuneSettings, validate
+from .plan import effective_bits, expand_plan, plan_units
+from .search import Option, Searcher, Trial, greedy_moves, plan_bytes, predicted, search_budget, search_size
+
+METRIC_KEYS = ("tokens", "ppl_base", "ppl", "ppl_unc", "ppl_ratio", "ppl_ratio_unc", "ln_ppl_ratio", "ln_ppl_ratio_unc",
+               "kld", "kld_reverse", "top1", "top1_unc", "delta_p")
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out} is not empty: pass --force to overwrite the autotune files in it")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _metrics(summary: dict) -> dict:
+    return {k: summary[k] for k in METRIC_KEYS if k in summary}
+
+
+def _point(label: str, source: str, weight_bytes: int, linear_bytes: int, params: int, summary: dict,
+           predicted_kld: float | None, passed: bool | None) -> dict:
+    return {"label": label, "source": source, "weight_bytes": weight_bytes, "linear_weight_bytes": linear_bytes,
+            "effective_bits": effective_bits(linear_bytes, params), "kld": summary["kld"]["mean"],
+            "predicted_kld": predicted_kld, "ppl_ratio": summary["ppl_ratio"], "top1": summary["top1"], "passed": passed}
+
+
+class _Tuner:
+    """Holds what every step shares: model, windows, baseline, candidates, option table."""
+
+    def __init__(self, s: AutotuneSettings, limits: list[Limit]):
+        self.s, self.limits = s, limits
+        self.lm = load_model(s.model, device=s.device)
+        self.eval = load_windows(s.eval, self.lm.tokenizer, s.seq_len, s.windows, s.bos)
+        self.calib = load_windows(s.calib, self.lm.tokenizer, s.calib_seq, s.calib_size, s.bos, role="calib")
+        self.baseline = build_baseline(self.lm, self.eval, batch_size=s.batch_size)
+        self.units = plan_units(self.lm.model)
+        self.params = sum(u.params for u in self.units)
+
+    def passes(self, summary: dict) -> bool:
+        return not check_budget(summary, self.limits)
+
+    def evaluate(self, model) -> dict:
+        return compare_to_baseline(self.baseline, model, self.eval, self.s.batch_size)
+
+    def quantize(self, spec: QuantSpec):
+        return quantize(self.lm.model, spec, self.calib)
+
+    def spec(self, fmt: str, plan: dict[str, str] | None = None) -> QuantSpec:
+        return QuantSpec(format=fmt, group_size=self.s.group_size, plan=plan)
+
+    def uniform(self) -> tuple[Candidates, dict[str, dict]]:
+        """Quantize and evaluate each format once for the whole model."""
+        models, summaries = {}, {}
+        for fmt in self.s.ladder:
+            console.print(f"[bold]{fmt}[/bold]: {get_format(fmt).description}")
+            if fmt == NONE:
+                summaries[fmt] = self.evaluate(self.lm.model)
+                continue
+            models[fmt] = self.quantize(self.spec(fmt))
+            summaries[fmt] = self.evaluate(models[fmt].model)
+        return Candidates(self.lm.model, self.units, models), summaries
+
+    def trial_point(self, t: Trial, fixed: int) -> dict:
+        linear = plan_bytes(t.plan)
+        return _point(t.label, "composed", fixed + linear, linear, self.params, t.measured, predicted(t.plan),
+                      t.passed if self.limits else None)
+
+    def verify(self, plan: dict[str, Option]):
+        """quantize(spec with plan) and its evaluation: the numbers that are reported."""
+        most_common = Counter(o.format for o in plan.values()).most_common(1)[0][0]  # only names lm_head's (excluded) format
+        spec = self.spec(most_common, expand_plan(self.units, {u: o.format for u, o in plan.items()}))
+        qm = self.quantize(spec)
+        return qm, self.evaluate(qm.model)
+
+
+def _raise_further(table: dict[str, list[Option]], plan: dict[str, Option], gap: float) -> dict[str, Option] | None:
+    """Apply the next greedy moves until the predicted KLD falls by ``gap`` (at least one move)."""
+    _, moves = greedy_moves(table)
+    plan, removed, applied = dict(plan), 0.0, 0
+    for m in moves:
+        if plan[m.unit] == m.source:
+            plan[m.unit] = m.target
+            removed += m.source.sensitivity - m.target.sensitivity
+            applied += 1
+            if removed >= gap:
+                break
+    return plan if applied else None
+
+
+def _kld_gap(summary: dict, limits: list[Limit]) -> float:
+    kld = [l.value for l in limits if l.metric == "kld" and l.op in ("<=", "<")]
+    return max(summary["kld"]["mean"] - min(kld), 0.0) if kld else 0.0
+
+
+def autotune(s: AutotuneSettings, out: Path, force: bool = False) -> dict:
+    """Run the whole search and write DIR/autotune.json, plan.json and autotune.html; returns the result."""
+    started = time.perf_counter()
+    limits = validate(s)
+    _prepare_out(out, force)
+    tuner = _Tuner(s, limits)
+    cands, summaries = tuner.uniform()
+    fixed = cands.fixed_bytes()
+    console.print(f"sensitivity of {len(tuner.units)} units in {len(s.ladder)} formats "
+                  f"on {s.sensitivity_windows} window(s)")
+    table = cands.table(s.ladder, tuner.eval.subset(s.sensitivity_windows))
+    by_format = {(u, o.format): o for u, opts in table.items() for o in opts}
+
+    uniform = []
+    for fmt in s.ladder:
+        linear = sum(cands.unit_bytes(u, fmt) for u in tuner.units)
+        point = _point(f"uniform {fmt}", "quantize", fixed + linear, linear, tuner.params, summaries[fmt],
+                       sum(by_format[(u.name, fmt)].sensitivity for u in tuner.units if (u.name, fmt) in by_format),
+                       tuner.passes(summaries[fmt]) if limits else None)
+        uniform.append({"name": fmt, **point, "failed": check_budget(summaries[fmt], limits), "metrics": _metrics(summaries[fmt])})
+
+    def measure(plan: dict[str, Option]) -> dict:
+        with cands.composed(plan):
+            return tuner.evaluate(tuner.lm.model)
+
+    searcher = Searcher(measure, tuner.passes if limits else (lambda m: True))
+    if s.effective_bits is not None:
+        limit = math.floor(s.effective_bits / 8 * tuner.params)
+        smallest = plan_bytes(greedy_moves(table)[0])
+        if limit < smallest:
+            raise UserError(f"--effective-bits {s.effective_bits:g} is below the smallest plan "
+                            f"({effective_bits(smallest, tuner.params):.3f} bits with every unit in its cheapest format)")
+        chosen, info = search_size(table, searcher, limit, s.probes)
+        fitting = [u for u in uniform if u["linear_weight_bytes"] <= limit]
+        best_uniform = min(fitting, key=lambda u: u["kld"]) if fitting else None
+    else:
+        chosen, info = search_budget(table, searcher, s.refine)
+        passing = [u for u in uniform if u["passed"]]
+        best_uniform = min(passing, key=lambda u: u["weight_bytes"]) if passing else None
+
+    # Final verification by a real quantize() of the plan.
+    plan, composed = chosen.plan, chosen
+    attempts = []
+    while True:
+        qm, verified = tuner.verify(plan)
+        attempts.append({"kld": verified["kld"]["mean"], "predicted_kld": predicted(plan),
+                         "composed_kld": composed.measured["kld"]["mean"] if composed else None,
+                         "weight_bytes": qm.weight_bytes(), "passed": tuner.passes(verified)})
+        if s.effective_bits is not None or tuner.passes(verified) or len(attempts) >= s.verify_attempts:
+            break
+        raised = _raise_further(table, plan, _kld_gap(verified, limits))
+        if raised is None:
+            break
+        plan, composed = raised, None
+    tuned = set(expand_plan(tuner.units, {u: o.format for u, o in plan.items()}))
+    linear = sum(r.storage_bytes() for n, r in qm.layers.items() if n in tuned)
+    result_plan = {n: r.format for n, r in qm.layers.items() if n in tuned}
+    final = {"label": "autotuned plan", "source": "quantize", "weight_bytes": qm.weight_bytes(), "linear_bytes": linear,
+             "summary": verified, "plan": result_plan, "predicted_kld": predicted(plan), "passed": tuner.passes(verified)}
+    outcome = "mixed plan verified by quantize()"
+    if s.effective_bits is None and best_uniform is not None and (not final["passed"] or final["weight_bytes"] >= best_uniform["weight_bytes"]):
+        fmt = best_uniform["name"]
+        outcome = (f"uniform {fmt} kept: the mixed plan " + ("failed the budget when quantized for real"
+                   if not final["passed"] else "was not smaller"))
+        final = {"label": f"uniform {fmt}", "source": "quantize", "weight_bytes": best_uniform["weight_bytes"],
+                 "linear_bytes": best_uniform["linear_weight_bytes"], "summary": summaries[fmt], "passed": True,
+                 "plan": expand_plan(tuner.units, {u.name: fmt for u in tuner.units}),
+                 "predicted_kld": best_uniform["predicted_kld"]}
+
+    final_point = _point(final["label"] + " (quantize)", "quantize", final["weight_bytes"], final["linear_bytes"],
+                         tuner.params, final["summary"], final["predicted_kld"], final["passed"] if limits else None)
+    curve = [{k: u[k] for k in final_point} for u in uniform]
+    curve += [tuner.trial_point(t, fixed) for t in searcher.trials] + [final_point]
+    failed = check_budget(final["summary"], limits)
+    result = {
+        "mode": "effective_bits" if s.effective_bits is not None else "budget",
+        "plan": final["plan"],
+        "weight_bytes": final["weight_bytes"],
+        "linear_weight_bytes": final["linear_bytes"],
+        "linear_params": tuner.params,
+        "effective_bits": effective_bits(final["linear_bytes"], tuner.params),
+        "target_effective_bits": s.effective_bits,
+        "kld": final["summary"]["kld"]["mean"],
+        "predicted_kld": final["predicted_kld"],
+        "composed_kld": attempts[-1]["composed_kld"] if final["label"] == "autotuned plan" else None,
+        "metrics": _metrics(final["summary"]),
+        "budget": [l.as_dict() for l in limits],
+        "passed": not failed,
+        "failed": failed,
+        "exit_code": EXIT_OK if not failed else EXIT_BUDGET_FAILED,
+        "best_uniform": None if best_uniform is None else {k: best_uniform[k] for k in
+                                                           ("name", "weight_bytes", "linear_weight_bytes", "effective_bits", "kld", "passed")},
+        "uniform": uniform,
+        "curve": curve,
+        "units": [{"name": u.name, "linears": list(u.linears), "params": u.params,
+                   "format": final["plan"][u.linears[0]],
+                   "options": [{"format": o.format, "bytes": o.bytes, "sensitivity_kld": o.sensitivity} for o in table[u.name]]}
+                  for u in tuner.units],
+        "search": {**info, "evaluations": len(searcher.trials), "verification": attempts, "outcome": outcome,
+                   "measured_over_predicted": _additivity(curve)},
+        "model": {"name": tuner.lm.name, "source": tuner.lm.source, "fingerprint": tuner.lm.fingerprint},
+        "eval": tuner.eval.describe(),
+        "calib": {**tuner.calib.describe(), "samples": tuner.calib.n},
+        "settings": asdict(s),
+        "seconds": time.perf_counter() - started,
+    }
+    _write(result, summaries, out)
+    return result
+
+
+def _additivity(curve: list[dict]) -> float | None:
+    """Median measured / predicted KLD over the measured plans: 1 when per-unit errors simply add up."""
+    ratios = sorted(p["kld"] / p["predicted_kld"] for p in curve if p["predicted_kld"])
+    return ratios[len(ratios) // 2] if ratios else None
+
+
+def report_fragment(result: dict) -> dict:
+    """The part of a report.json the HTML/Markdown renderers plot (``report["autotune"]["curve"]``)."""
+    return {"autotune": result}
+
+
+def _format_entry(name: str, description: str, summary: dict, weight_bytes: int, baseline_bytes: int,
+                  limits: list[dict], failed: list[str]) -> dict:
+    return {"name": name, "description": description, **_metrics(summary), "weight_bytes": weight_bytes,
+            "compression": baseline_bytes / weight_bytes, "passed": not failed if limits else None, "failed": failed}
+
+
+def _write(result: dict, summaries: dict, out: Path) -> None:
+    from ..report.html import render_html
+
+    uniform = {u["name"]: u for u in result["uniform"]}
+    baseline_bytes = uniform[NONE]["weight_bytes"] if NONE in uniform else None
+    any_summary = next(iter(summaries.values()))
+    if baseline_bytes is None:  # 16-bit size of every tuned linear plus the fixed part
+        some = result["uniform"][0]
+        baseline_bytes = some["weight_bytes"] - some["linear_weight_bytes"] + 2 * result["linear_params"]
+    formats = [_format_entry(f"uniform {u['name']}", get_format(u["name"]).description, summaries[u["name"]],
+                             u["weight_bytes"], baseline_bytes, result["budget"], u["failed"]) for u in result["uniform"]]
+    formats.append(_format_entry("autotuned plan", f"mixed precision, {result['effective_bits']:.3f} effective bits per weight",
+                                 result["metrics"], result["weight_bytes"], baseline_bytes, result["budget"], result["failed"]))
+    report = {
+        "schema_version": 1, "quantaudit_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": result["model"], "eval": result["eval"], "calib": result["calib"],
+        "settings": {k: v for k, v in result["settings"].items() if k != "budget"},
+        "budget": result["budget"],
+        "baseline": {"ppl": any_summary["ppl_base"], "ppl_unc": any_summary.get("ppl_base_unc"), "weight_bytes": baseline_bytes},
+        "formats": formats,
+        "recommendation": {"format": "autotuned plan" if result["passed"] else None, "passed": result["passed"],
+                           "exit_code": result["exit_code"], "reason": summary_line(result)},
+        **report_fragment(result),
+    }
+    atomic_write_json(out / "plan.json", {"plan": result["plan"]})
+    atomic_write_text(out / "autotune.html", render_html(report))
+    atomic_write_json(out / "autotune.json", result)  # last: its presence means the run finished
+
+
+def summary_line(result: dict) -> str:
+    b = result["best_uniform"]
+    uniform = (f"best uniform {b['name']}: {b['weight_bytes'] / 1e6:.3f} MB, KLD {b['kld']:.4g}" if b
+               else "no uniform format meets the target")
+    verdict = "meets the budget" if result["passed"] else "FAILS: " + "; ".join(result["failed"])
+    return (f"plan: {result['weight_bytes'] / 1e6:.3f} MB, {result['effective_bits']:.3f} effective bits, "
+            f"KLD {result['kld']:.4g} (predicted {result['predicted_kld']:.4g}), {verdict}; {uniform}; "
+            f"{result['search']['outcome']}")
+
+
+def curve_table(result: dict):
+    from rich.table import Table
+
+    table = Table(title="size vs KLD: every plan measured (composed = modules swapped in; quantize = real)")
+    for col in ("#", "plan", "measured by", "weights MB", "eff. bits", "predicted KLD", "measured KLD", "budget"):
+        table.add_column(col, justify="left" if col in ("plan", "measured by", "budget") else "right")
+    for i, p in enumerate(result["curve"], 1):
+        verdict = "-" if p["passed"] is None else ("[green]pass[/green]" if p["passed"] else "[red]fail[/red]")
+        pred = "-" if p["predicted_kld"] is None else f"{p['predicted_kld']:.4g}"
+        table.add_row(str(i), p["label"], p["source"], f"{p['weight_bytes'] / 1e6:.3f}", f"{p['effective_bits']:.3f}",
+                      pred, f"{p['kld']:.4g}", verdict)
+    return table

@@ -1,0 +1,79 @@
+"""`quantaudit export` argument handling: it quantizes as the audit does, writes the checkpoint, says
+plainly that it cannot build here, and refuses bad input before any slow work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from quantaudit.data import load_windows
+from quantaudit.errors import UserError
+from quantaudit.export import add_export_arguments, run_export
+from quantaudit.quant import QuantSpec, quantize
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser(prog="quantaudit export")
+    add_export_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def common(shared_dir):
+    data = str(shared_dir / "data" / "tinystories_sample.txt")
+    return ["--model", str(shared_dir / "models" / "stories260K" / "hf"), "--calib", data, "--calib-size", "2",
+            "--calib-seq", "32"]
+
+
+def test_export_quantizes_like_the_audit_and_says_it_cannot_build_here(common, stories, shared_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    code = run_export(parse(*common, "--format", "fp8", "--kv-cache", "fp8", "--out", str(out), "--tp", "2", "--build"))
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "--build/--bench skipped: tensorrt_llm is not installed here" in printed
+    assert "differs from the audit" in printed and "max(K, V)" in printed
+    calib = load_windows(shared_dir / "data" / "tinystories_sample.txt", stories.tokenizer, 32, 2, role="calib")
+    qm = quantize(stories.model, QuantSpec(format="fp8", kv_cache="fp8"), calib, progress=False)
+    rank1 = load_file(out / "rank1.safetensors")
+    o = qm.layers["model.layers.4.self_attn.o_proj"]
+    assert torch.equal(rank1["transformer.layers.4.attention.dense.weight"].float(), o.codes.float()[:, 32:])
+    assert rank1["transformer.layers.4.attention.kv_cache_scaling_factor"].item() == max(
+        qm.kv_scales[4].k_scale.item(), qm.kv_scales[4].v_scale.item())
+    provenance = json.loads((out / "quantaudit_export.json").read_text())
+    assert provenance["calib"]["fingerprint"] == calib.fingerprint and provenance["tp"] == 2
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_plan_file_makes_a_mixed_precision_checkpoint(common, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "int4_gptq", "layers": {"model.layers.1.mlp.down_proj": "fp8"}}))
+    assert run_export(parse(*common, "--plan", str(plan), "--group-size", "64", "--out", str(tmp_path / "mixed"))) == 0
+    cfg = json.loads((tmp_path / "mixed" / "quant_cfg.json").read_text())["quantized_layers"]
+    assert cfg["transformer.layers.1.mlp.proj"] == {"quant_algo": "FP8"}
+    assert "transformer.layers.2.mlp.proj" not in cfg  # 172 inputs: INT4 fell back to unquantized
+    assert cfg["transformer.layers.2.mlp.fc"]["quant_algo"] == "W4A16_AWQ"
+
+
+def test_bad_input_is_refused_before_loading_anything(common, tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("keep")
+    with pytest.raises(UserError, match="not empty.*--force"):
+        run_export(parse(*common, "--format", "fp8", "--out", str(full)))
+    with pytest.raises(UserError, match="unknown format 'fp9'"):
+        run_export(parse(*common, "--format", "fp9", "--out", str(tmp_path / "a")))
+    with pytest.raises(UserError, match="plan file not found"):
+        run_export(parse(*common, "--plan", str(tmp_path / "nope.json"), "--out", str(tmp_path / "b")))
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(UserError, match="must be a JSON object"):
+        run_export(parse(*common, "--plan", str(bad), "--out", str(tmp_path / "c")))
+    with pytest.raises(SystemExit):
+        parse(*common, "--format", "fp8", "--plan", str(bad), "--out", str(tmp_path / "d"))
+    with pytest.raises(UserError, match="--tp applies to --target trtllm"):
+        run_export(parse(*common, "--format", "fp8", "--target", "hf", "--tp", "2", "--out", str(tmp_path / "e")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "full"] and (full / "x").read_text() == "keep"
