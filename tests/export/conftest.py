@@ -21,7 +21,7 @@ def calib(stories, shared_dir):
 def ids(stories, shared_dir):
     from quantaudit.data import load_windows
 
-    return load_windows(shared_dir / "data" / "tinystories_sample.txt", stories.tokenizer, seq_len=48, n_windows=3).ids
+    return load_windows(shared_dir / "data" / "tinystories_sample.txt", stories.tokenizer, seq_len=32, n_windows=2).ids
 
 
 @pytest.fixture(scope="session")

@@ -74,6 +74,12 @@ def test_bad_input_is_refused_before_loading_anything(common, tmp_path):
         run_export(parse(*common, "--plan", str(bad), "--out", str(tmp_path / "c")))
     with pytest.raises(SystemExit):
         parse(*common, "--format", "fp8", "--plan", str(bad), "--out", str(tmp_path / "d"))
+    with pytest.raises(UserError, match="--group-size must be 128 or 64"):
+        run_export(parse(*common, "--format", "int4_awq", "--group-size", "32", "--out", str(tmp_path / "f")))
+    with pytest.raises(UserError, match="nothing to export"):
+        run_export(parse(*common, "--format", "none", "--out", str(tmp_path / "g")))
+    with pytest.raises(UserError, match="int8_sq has no ModelOpt unified-checkpoint form"):
+        run_export(parse(*common, "--format", "int8_sq", "--target", "hf", "--out", str(tmp_path / "h")))
     with pytest.raises(UserError, match="--tp applies to --target trtllm"):
         run_export(parse(*common, "--format", "fp8", "--target", "hf", "--tp", "2", "--out", str(tmp_path / "e")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "full"] and (full / "x").read_text() == "keep"

@@ -81,7 +81,7 @@ def _usual_permissions(root: Path) -> None:
 def _save(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
 
 
 def export_checkpoint(qm, base_config, out_dir: str | Path, target: str = "trtllm", tp: int = 1,

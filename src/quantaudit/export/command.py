@@ -72,6 +72,7 @@ def run_export(args: argparse.Namespace) -> int:
     from ..models import load_model
     from ..progress import console
     from ..quant import QuantSpec, quantize
+    from ..quant.engine import GROUP_SIZES
     from ..quant.formats import get_format, get_kv_cache_format
     from . import TARGETS, check_output_dir, export_checkpoint
     from .build import BuildSettings, run_build_script, runtime_missing
@@ -84,6 +85,10 @@ def run_export(args: argparse.Namespace) -> int:
     fmt = args.format or plan_default or "none"
     for name in [fmt, *(plan or {}).values()]:
         get_format(name)
+    if fmt == "none" and not any(f != "none" for f in (plan or {}).values()):
+        raise UserError("nothing to export: give --format (see `quantaudit formats`) or a --plan that quantizes layers")
+    if args.group_size not in GROUP_SIZES:
+        raise UserError(f"--group-size must be {' or '.join(map(str, GROUP_SIZES))} (what TensorRT-LLM supports)")
     kv_algo = get_kv_cache_format(args.kv_cache).trtllm_kv_cache_quant_algo
     if args.target not in TARGETS:
         raise UserError(f"--target must be one of {', '.join(TARGETS)}")

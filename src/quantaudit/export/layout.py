@@ -113,6 +113,12 @@ class Storage:
     shared_in_fused: tuple[str, ...] = ()  # HF: roles the loader requires equal across fused q/k/v and gate/up
     fold_pqs_into_norm: bool = False  # HF: the pre-quant scale of norm-fed linears is folded into the norm
     reload: str | None = None  # how the loader changes the stored numbers (None: it keeps them)
+    scale_cast: bool = False  # the loader holds the weight scale in the checkpoint dtype
+
+    @property
+    def scale_in_model_dtype(self) -> bool:
+        """TensorRT-LLM's groupwise INT4 layers always hold their scales in the model dtype."""
+        return self.grouped or self.scale_cast
 
 
 FP32, INT8, FP8, UINT8 = torch.float32, torch.int8, torch.float8_e4m3fn, torch.uint8
@@ -188,7 +194,7 @@ HF: dict[str, Storage] = {
     "int8_wo": Storage("W8A16", "int8_wo", (
         TensorSpec("weight", "codes", INT8, OUT_IN),
         TensorSpec("weight_scale", "weight_scale", FP32, ("out",)),
-    ), reload="TensorRT-LLM's PyTorch backend holds the per-channel weight_scale in the model dtype"),
+    ), reload="TensorRT-LLM's PyTorch backend holds the per-channel weight_scale in the model dtype", scale_cast=True),
     "int4_awq": Storage("W4A16_AWQ", "int4_awq", (
         TensorSpec("weight", "codes", UINT8, PACKED, packed=True),
         TensorSpec("weight_scale", "weight_scale", FP32, GROUPS),

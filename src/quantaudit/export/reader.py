@@ -96,8 +96,9 @@ def _decode(storage: Storage, full: dict[str, torch.Tensor], dims: tuple[int, in
         elif spec.role == "codes":
             codes = t
         elif spec.role == "weight_scale":
-            scale = {"tensor": lambda: t.float().reshape(()), "channel": lambda: t.float().reshape(-1, 1),
-                     "group": lambda: t.to(dtype).float().reshape(out_f, -1)}[fmt.weight.granularity]()
+            t = (t.to(dtype) if storage.scale_in_model_dtype else t).float()
+            scale = {"tensor": lambda: t.reshape(()), "channel": lambda: t.reshape(-1, 1),
+                     "group": lambda: t.reshape(out_f, -1)}[fmt.weight.granularity]()
         elif spec.role == "act_scale":
             act_scale = t.float().reshape(())
         elif spec.role == "pqs":
