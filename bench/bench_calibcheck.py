@@ -2,7 +2,7 @@
 
 calib-check ranks the two calibration sets from coverage alone (clipped activation share, token
 distribution); the FP8 (static activation scale) KLD each yields on the eval text is measured in the
-same run and must agree with that ranking. Calibration: the first ``--calib-size`` x 512 tokens of
+same run and compared with that ranking (agrees / disagrees / not significant at 2 standard errors). Calibration: the first ``--calib-size`` x 512 tokens of
 each text; evaluation: the first ``--windows`` x 512-token windows of WikiText-2 test.
 Writes bench/results/calibcheck.json (the full result as DIR/calib_check.json next to it).
 
@@ -55,12 +55,14 @@ def main() -> int:
               f"unseen tokens {100 * t['unseen_token_share']:.2f} %, JS {t['js_divergence_bits']:.4f} bits, "
               f"{args.format} KLD {r['kld']:.5f} ± {r['kld_unc']:.5f}, verdict {r['verdict']}")
     better = names[result["better"]]
-    print(f"calib-check ranks {better} better (decided by {result['decided_by']}); measured {args.format} KLD "
-          f"{'agrees' if result['kld_agrees'] else 'DISAGREES'}")
+    print(f"calib-check ranks {better} better (decided by {result['decided_by']}); measured {args.format} KLD of the other "
+          f"set minus {better}'s: {result['kld_difference']:+.5f} ± {result['kld_difference_unc']:.5f} "
+          f"({result['kld_agreement']})")
     print(f"wall time {seconds:.0f} s")
-    ok = result["better"] == "calib2" and result["kld_agrees"]
+    ok = result["better"] == "calib2" and result["kld_agreement"] == "agrees"
     atomic_write_json(args.out, {
-        "better": better, "decided_by": result["decided_by"], "kld_agrees": result["kld_agrees"],
+        "better": better, "decided_by": result["decided_by"], "kld_difference": result["kld_difference"],
+        "kld_difference_unc": result["kld_difference_unc"], "kld_agreement": result["kld_agreement"],
         **{names[role]: {"kld": result[role]["kld"], "kld_unc": result[role]["kld_unc"],
                          "summary": result[role]["coverage"]["summary"], "tokens": result[role]["coverage"]["tokens"],
                          "verdict": result[role]["verdict"], "reasons": result[role]["reasons"]} for role in ("calib", "calib2")},

@@ -20,13 +20,12 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from quantaudit.data import load_windows
+from quantaudit.data import Windows, load_windows
 from quantaudit.evaluate import auto_batch_size, build_baseline, compare_to_baseline, evaluate_perplexity, iter_logits
 from quantaudit.metrics import PairedAccumulator, summarize_logits
 from quantaudit.models import load_model
@@ -44,50 +43,58 @@ def timed(run) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def plain_loop(model, windows, batch_size: int) -> None:
+def plain_loop(model, windows: Windows) -> None:
     with torch.inference_mode():
-        for start in range(0, windows.n, batch_size):
-            model(input_ids=windows.ids[start : start + batch_size], use_cache=False)
+        model(input_ids=windows.ids, use_cache=False)
+
+
+def batches(windows: Windows, size: int) -> list[Windows]:
+    """The windows as consecutive batches, each its own Windows (so each can have its own baseline)."""
+    return [Windows(windows.ids[s : s + size], windows.lengths[s : s + size], windows.source, windows.bos,
+                    windows.stream_tokens) for s in range(0, windows.n, size)]
+
+
+METHODS = ("plain", "evaluate_perplexity", "build_baseline", "compare_to_baseline")
 
 
 def speed(windows_n: int, reps: int) -> dict:
     loaded = load_model("smollm2-135m")
     windows = load_windows(SHARED / "data" / "wikitext2_raw_test.txt", loaded.tokenizer, n_windows=windows_n)
-    batch = auto_batch_size(loaded, windows)
+    size = auto_batch_size(loaded, windows)
     load_before = os.getloadavg()[0]
-    baseline = None
-
-    def build():
-        nonlocal baseline
-        baseline = build_baseline(loaded, windows, use_cache=False, batch_size=batch)
-
-    build_time = timed(build)
-    runs = {
-        "plain": lambda: plain_loop(loaded.model, windows, batch),
-        "evaluate_perplexity": lambda: evaluate_perplexity(loaded, windows, batch),
-        "compare_to_baseline": lambda: compare_to_baseline(baseline, loaded, windows, batch),
-    }
-    times = {name: [] for name in runs}
+    # seconds[method][rep] = [wall, cpu], summed over batches; every batch runs all methods in turn
+    seconds = {m: [[0.0, 0.0] for _ in range(reps)] for m in METHODS}
+    pieces = batches(windows, size)
+    # untimed: the baselines compare_to_baseline reads, which also warms every code path up
+    baselines = [build_baseline(loaded, piece, use_cache=False) for piece in pieces]
     for rep in range(reps):
-        for name, run in runs.items():
-            times[name].append(timed(run))
-        print(f"rep {rep + 1}: " + ", ".join(f"{k} {windows.scored_tokens / v[-1][0]:.1f} tok/s" for k, v in times.items()),
-              flush=True)
+        order = METHODS[rep % len(METHODS):] + METHODS[: rep % len(METHODS)]
+        for piece, baseline in zip(pieces, baselines):
+            runs = {
+                "plain": lambda: plain_loop(loaded.model, piece),
+                "evaluate_perplexity": lambda: evaluate_perplexity(loaded, piece),
+                "build_baseline": lambda: build_baseline(loaded, piece, use_cache=False),
+                "compare_to_baseline": lambda: compare_to_baseline(baseline, loaded, piece),
+            }
+            for name in order:
+                wall, cpu = timed(runs[name])
+                seconds[name][rep][0] += wall
+                seconds[name][rep][1] += cpu
+        print(f"rep {rep + 1}: " + ", ".join(f"{m} {windows.scored_tokens / seconds[m][rep][0]:.1f} tok/s"
+                                             for m in METHODS), flush=True)
     tokens = windows.scored_tokens
     result = {
         "model": "smollm2-135m", "windows": windows.n, "seq_len": windows.seq_len, "tokens": tokens,
-        "batch_size": batch, "reps": reps, "threads": torch.get_num_threads(),
+        "batch_size": size, "reps": reps, "threads": torch.get_num_threads(),
         "load_average_1min": [load_before, os.getloadavg()[0]],
-        "tokens_per_s_wall": {k: [tokens / wall for wall, _ in v] for k, v in times.items()},
-        "tokens_per_cpu_s": {k: [tokens / cpu for _, cpu in v] for k, v in times.items()},
+        "tokens_per_s_wall": {m: [tokens / r[0] for r in seconds[m]] for m in METHODS},
+        "tokens_per_cpu_s": {m: [tokens / r[1] for r in seconds[m]] for m in METHODS},
     }
     for clock, index in (("wall", 0), ("cpu", 1)):
-        best = {k: min(t[index] for t in v) for k, v in times.items()}
-        median = {k: statistics.median(t[index] for t in v) for k, v in times.items()}
-        for name in ("evaluate_perplexity", "compare_to_baseline"):
-            result[f"ratio_{name}_{clock}"] = best["plain"] / best[name]
-            result[f"ratio_{name}_{clock}_median"] = median["plain"] / median[name]
-        result[f"ratio_build_baseline_{clock}"] = best["plain"] / build_time[index]
+        for name in METHODS[1:]:
+            per_rep = [p[index] / q[index] for p, q in zip(seconds["plain"], seconds[name])]
+            result[f"ratio_{name}_{clock}"] = sum(p[index] for p in seconds["plain"]) / sum(q[index] for q in seconds[name])
+            result[f"ratio_{name}_{clock}_per_rep"] = per_rep
     return result
 
 
@@ -162,11 +169,12 @@ def main() -> None:
     (RESULTS / "eval.json").write_text(json.dumps(result, indent=1))
     print(f"1-min load average {result['load_average_1min'][0]:.1f} -> {result['load_average_1min'][1]:.1f} "
           f"on {os.cpu_count()} CPUs")
-    for name in ("evaluate_perplexity", "compare_to_baseline", "build_baseline"):
-        extra = "" if name == "build_baseline" else f" (median {result[f'ratio_{name}_wall_median']:.3f})"
+    for name in METHODS[1:]:
+        per_rep = ", ".join(f"{r:.3f}" for r in result[f"ratio_{name}_wall_per_rep"])
         need = "; required >= 0.9" if name == "evaluate_perplexity" else ""
-        print(f"{name:20s}/ plain forward tokens/s: wall {result[f'ratio_{name}_wall']:.3f}{extra}, "
+        print(f"{name:20s}/ plain forward, tokens/s: wall {result[f'ratio_{name}_wall']:.3f} (per rep {per_rep}), "
               f"CPU time {result[f'ratio_{name}_cpu']:.3f}{need}")
+
 
 if __name__ == "__main__":
     main()

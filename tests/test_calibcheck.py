@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from quantaudit.calibcheck import (CalibCheckSettings, _CalibRange, calib_check, calibration_ranges, js_divergence,
-                                   range_coverage, rank, sample_adequacy, token_coverage)
+                                   kld_check, range_coverage, rank, sample_adequacy, token_coverage)
 from quantaudit.data import Windows
 from quantaudit.errors import UserError
 
@@ -68,6 +68,18 @@ def test_ranking_rule_uses_coverage_only():
     assert rank(cov(0.001, 0.5, 0.5), cov(0.002, 0.1, 0.1)) == ("calib", "clip_share")
     assert rank(cov(0.00100, 0.5, 0.1), cov(0.00105, 0.1, 0.5)) == ("calib2", "js_divergence_bits")  # clip: too close
     assert rank(cov(0.0, 0.30, 0.1), cov(0.0, 0.31, 0.2)) == ("calib", "unseen_token_share")
+    # 3 vs 1 clipped values in ten million: too few to rank by, the token distribution decides
+    assert rank(cov(3e-7, 0.43, 0.3), cov(1e-7, 0.61, 0.46)) == ("calib", "js_divergence_bits")
+
+
+def test_kld_check_needs_a_difference_beyond_two_standard_errors():
+    better, worse = {"kld": 0.0372, "kld_unc": 0.0011}, {"kld": 0.0386, "kld_unc": 0.0016}
+    check = kld_check(better, worse)
+    assert check["kld_difference"] == pytest.approx(0.0014)
+    assert check["kld_difference_unc"] == pytest.approx((0.0011**2 + 0.0016**2) ** 0.5)
+    assert check["kld_agreement"] == "not significant"
+    assert kld_check({"kld": 0.01, "kld_unc": 0.001}, {"kld": 0.02, "kld_unc": 0.001})["kld_agreement"] == "agrees"
+    assert kld_check({"kld": 0.02, "kld_unc": 0.001}, {"kld": 0.01, "kld_unc": 0.001})["kld_agreement"] == "disagrees"
 
 
 def _texts(shared_dir, tmp_path):
@@ -134,6 +146,8 @@ def test_matching_calibration_text_ranks_better_than_a_mismatched_one(checked):
     assert c1["tokens"]["js_divergence_bits"] < c2["tokens"]["js_divergence_bits"]
     for role in ("calib", "calib2"):
         assert result[role]["kld"] > 0 and len(result[role]["coverage"]["ranges"]) == 20
+    assert result["kld_agreement"] in ("agrees", "disagrees", "not significant")
+    assert result["kld_difference"] == pytest.approx(result["calib2"]["kld"] - result["calib"]["kld"])
     saved = json.loads((tmp / "out" / "calib_check.json").read_text())
     assert saved["better"] == "calib" and saved["verdict"] == result["verdict"]
     assert saved["calib"]["kld"] == result["calib"]["kld"] and "coverage" in saved["calib2"]

@@ -150,3 +150,17 @@ def test_other_architectures_are_refused(quantized, tmp_path):
     with pytest.raises(UserError, match="Llama-architecture.*GPT2LMHeadModel"):
         export_checkpoint(quantized("fp8"), GPT2Config(architectures=["GPT2LMHeadModel"]), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_quantized_lm_head_is_refused_where_tensorrt_llm_leaves_it_unquantized(quantized, stories, tmp_path):
+    with pytest.raises(UserError, match="W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN leaves lm_head unquantized"):
+        export(quantized("int8_sq", include_lm_head=True), stories, tmp_path)
+
+
+def test_quantized_lm_head_round_trips_in_fp8(quantized, stories, ids, tmp_path):
+    qm = quantized("fp8", include_lm_head=True)
+    path, _ = export(qm, stories, tmp_path, dtype="float32")
+    (tensors,) = ranks(path)
+    assert tensors["lm_head.weight"].dtype == torch.float8_e4m3fn and tensors["lm_head.weights_scaling_factor"].shape == (1,)
+    assert json.loads((path / "config.json").read_text())["quantization"]["exclude_modules"] == []
+    assert torch.equal(logits(load_trtllm_checkpoint(path), ids), logits(qm.model, ids))

@@ -2,8 +2,8 @@
 
 :func:`export_checkpoint` writes the codes and scales of a
 :class:`~quantaudit.quant.engine.QuantizedModel` unchanged (layouts: :mod:`.layout`), with BUILD.md,
-build.sh and ``quantaudit_export.json`` (what was exported, from what, and every place where what
-the target runtime loads or runs differs from the audited model). The folder appears atomically:
+build.sh and ``quantaudit_export.json`` (what was exported, from what, every place where what the
+target runtime loads or runs differs from the audited model, and what it may refuse to load). The folder appears atomically:
 a failed export leaves nothing behind, and an existing non-empty folder is only replaced with
 ``force``. :mod:`.reader` loads the files back into a model for the round-trip proof.
 """

@@ -11,8 +11,11 @@ support (FP8 and FP8_PER_CHANNEL_PER_TOKEN only, FP8 KV cache only).
 As ModelOpt does, the AWQ pre-quant scale of the linears fed by an RMSNorm (q/k/v, gate/up) is folded
 into that norm's weight; o_proj/down_proj keep a ``pre_quant_scale`` tensor (ones for GPTQ/RTN INT4,
 which TensorRT-LLM's loader reads there unconditionally). Refused: SmoothQuant formats (no unified
-form either loader runs), mixed-precision plans, INT8 KV cache, and more than one INT4 group size
-(the loaders take one ``group_size``); tensor parallelism is the runtime's job here.
+form either loader runs), mixed-precision plans, INT8 KV cache, more than one INT4 group size (the
+loaders take one ``group_size``), and W4A8 with different ``weight_scale_2`` / ``input_scale`` across
+linears TensorRT-LLM's PyTorch backend runs as one GEMM (q/k/v, gate/up: it asserts they are equal;
+ModelOpt's export unifies them, our engine shares them for q/k/v only). Tensor parallelism is the
+runtime's job here.
 """
 
 from __future__ import annotations
