@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from quantaudit.data import load_windows
-from quantaudit.evaluate import compare_models
+from quantaudit.evaluate import build_baseline, compare_to_baseline
+from quantaudit.fileio import atomic_write_json
 from quantaudit.models import load_model
 from quantaudit.quant import QuantSpec, quantize
 
@@ -69,11 +70,12 @@ def main() -> None:
                          n_windows=args.calib_windows, role="calib")
     print(f"eval: {evaluation.describe()}\ncalib: {calib.describe()}\ntorch threads: {torch.get_num_threads()}", flush=True)
 
+    baseline = build_baseline(loaded, evaluation, use_cache=False)  # one fp32 pass shared by every format
     rows = []
     for name in args.formats:
         quantized = quantize(loaded.model, QuantSpec(format=name, group_size=args.group_size), calib, progress=False)
         started = time.perf_counter()
-        summary = compare_models(loaded.model, quantized.model, evaluation)
+        summary = compare_to_baseline(baseline, quantized.model, evaluation)
         row = {
             "format": name,
             "kld": summary["kld"]["mean"],
@@ -113,12 +115,11 @@ def main() -> None:
             print(f"ordering {better} < {worse}: {'holds' if ok else 'FAILS'} "
                   f"({by_name[better]['kld']:.4f} vs {by_name[worse]['kld']:.4f})")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    atomic_write_json(args.out, {
         "model": loaded.name, "evaluation": evaluation.describe(), "calibration": calib.describe(),
         "group_size_requested": args.group_size, "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(), "rows": rows, "orderings": orderings,
-    }, indent=2, default=str))
+    })
     print(f"wrote {args.out}")
 
 

@@ -10,7 +10,8 @@ import math
 import pytest
 
 from quantaudit.errors import UserError
-from quantaudit.tune.plan import effective_bits, load_plan, plan_layer_names, plan_units
+from quantaudit.quant.plan import MixedPlan, load_plan, plan_layer_names
+from quantaudit.tune.plan import effective_bits, plan_units
 from quantaudit.tune.search import Option, Searcher, greedy_moves, hull, plan_bytes, predicted, search_budget
 
 BUDGET = 0.03  # between stories260K's uniform int8_wo (~0.0004) and int4_wo (~0.1) KLDs in this setup
@@ -84,8 +85,10 @@ def test_load_plan_accepts_both_shapes_and_names_the_first_problem(stories, tmp_
     good = {"model.layers.0.mlp.down_proj": "fp8", "model.layers.4.self_attn.q_proj": "int8_wo"}
     (tmp_path / "wrapped.json").write_text(json.dumps({"plan": good}))
     (tmp_path / "bare.json").write_text(json.dumps(good))
-    assert load_plan(tmp_path / "wrapped.json", stories.model) == good
-    assert load_plan(tmp_path / "bare.json", stories.model) == good
+    (tmp_path / "default.json").write_text(json.dumps({"format": "int8_wo", "layers": good}))
+    assert load_plan(tmp_path / "wrapped.json", stories.model) == MixedPlan(good, "none")
+    assert load_plan(tmp_path / "bare.json", stories.model) == MixedPlan(good, "none")
+    assert load_plan(tmp_path / "default.json", stories.model) == MixedPlan(good, "int8_wo")
 
     (tmp_path / "unknown.json").write_text(json.dumps({"model.layers.0.mlp.down_proj": "fp8", "model.layers.7.mlp.up_proj": "fp8"}))
     with pytest.raises(UserError, match=r"'model\.layers\.7\.mlp\.up_proj'.*does not have.*'model\.layers\.0\.self_attn\.q_proj'"):
@@ -182,7 +185,7 @@ def test_outputs_hold_plan_curve_and_predicted_vs_measured(tuned, stories):
     saved = json.loads((out / "autotune.json").read_text())
     for key in ("plan", "weight_bytes", "effective_bits", "kld", "best_uniform", "curve"):
         assert saved[key] == result[key]
-    assert load_plan(out / "plan.json", stories.model) == result["plan"]
+    assert load_plan(out / "plan.json", stories.model).layers == result["plan"]
     composed = [p for p in result["curve"] if p["source"] == "composed"]
     assert len(composed) == result["search"]["evaluations"] >= 3
     assert all(p["predicted_kld"] >= 0 and p["kld"] >= 0 for p in composed)

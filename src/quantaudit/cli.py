@@ -164,6 +164,9 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
     p.add_argument("--group-size", type=int, default=d.group_size,
                    help="INT4 group size, 128 or 64; layers not divisible fall back (default: %(default)s)")
     p.add_argument("--exclude", default="", help="fnmatch patterns of layers to keep unquantized, comma-separated")
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="also audit this mixed-precision plan (autotune's plan.json, or {layer: format}), "
+                        "reported as format 'plan' next to --formats (which may then be empty: --formats '')")
     p.add_argument("--budget", default=DEFAULT_BUDGET,
                    help=f"accuracy budget, e.g. '%(default)s'; metrics: {', '.join(METRICS)}")
     p.add_argument("--top-k", type=int, default=None, metavar="K",
@@ -197,7 +200,7 @@ def cmd_audit(args) -> int:
         task_limit=args.limit, task_seed=args.seed, task_strict=args.strict,
         kv_cache=args.kv_cache, calib=args.calib, calib_size=args.calib_size, calib_seq=args.calib_seq,
         eval=args.eval, windows=args.windows, seq_len=args.seq_len, bos=args.bos, group_size=args.group_size,
-        exclude=_split(args.exclude), budget=args.budget, top_k=args.top_k,
+        exclude=_split(args.exclude), plan=args.plan, budget=args.budget, top_k=args.top_k,
         drift_windows=args.drift_windows, sensitivity=args.sensitivity_granularity,
         sensitivity_windows=args.sensitivity_windows, batch_size=args.batch_size, device=args.device, gpu=args.gpu,
     )

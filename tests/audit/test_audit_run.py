@@ -123,3 +123,35 @@ def test_cli_exit_code_3_when_nothing_passes(shared_dir, tmp_path, capsys):
     assert code == EXIT_BUDGET_FAILED
     assert "no format meets the budget" in out
     assert json.loads((tmp_path / "o" / "report.json").read_text())["recommendation"]["exit_code"] == 3
+
+
+def test_plan_is_audited_as_quantized_and_a_changed_plan_is_recomputed_on_resume(shared_dir, stories, tmp_path):
+    from quantaudit.data import load_windows
+    from quantaudit.evaluate import compare_models
+    from quantaudit.quant import QuantSpec, quantize
+
+    layers = {"model.layers.0.self_attn.q_proj": "int8_wo", "model.layers.1.mlp.gate_proj": "fp8",
+              "model.layers.2.self_attn.o_proj": "int4_wo"}
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"plan": layers}))
+    settings = _settings(shared_dir, formats=[], plan=str(plan_file), windows=4, sensitivity="none", drift_windows=0)
+    report = run_audit(settings, tmp_path / "p", force=True)
+    (entry,) = report["formats"]
+    assert entry["name"] == "plan" and entry["trtllm_quant_algo"] == "MIXED_PRECISION" and entry["plan"] == layers
+    formats = {l["name"]: l["format"] for l in entry["layers"]}
+    assert {n: formats[n] for n in layers} == layers and formats["model.layers.3.mlp.up_proj"] == "none"
+    # the same plan quantized and compared in lockstep, without the audit's cached baseline
+    calib = load_windows(settings.calib, stories.tokenizer, 256, 6, role="calib")
+    windows = load_windows(settings.eval, stories.tokenizer, 512, 4)
+    qm = quantize(stories.model, QuantSpec(format="none", plan=layers), calib, progress=False)
+    assert entry["kld"]["mean"] == pytest.approx(compare_models(stories.model, qm.model, windows)["kld"]["mean"], rel=1e-5)
+
+    layers["model.layers.4.mlp.down_proj"] = "int8_wo"
+    plan_file.write_text(json.dumps(layers))  # a bare {layer: format} works too
+    (tmp_path / "p" / "report.json").unlink()
+    again = run_audit(settings, tmp_path / "p", resume=True)
+    assert again["formats"][0]["plan"] == layers and again["formats"][0]["kld"]["mean"] > entry["kld"]["mean"]
+
+    plan_file.write_text(json.dumps({"model.layers.9.mlp.down_proj": "fp8"}))
+    with pytest.raises(UserError, match="names layer 'model.layers.9.mlp.down_proj', which this model does not have"):
+        run_audit(settings, tmp_path / "p", force=True)

@@ -58,6 +58,19 @@ def test_plan_file_makes_a_mixed_precision_checkpoint(common, tmp_path):
     assert cfg["transformer.layers.2.mlp.fc"]["quant_algo"] == "W4A16_AWQ"
 
 
+def test_autotune_plan_file_exports_and_unnamed_layers_stay_unquantized(common, tmp_path):
+    plan = tmp_path / "plan.json"  # the shape autotune writes
+    plan.write_text(json.dumps({"plan": {"model.layers.1.mlp.down_proj": "fp8", "model.layers.0.self_attn.o_proj": "int8_wo"}}))
+    assert run_export(parse(*common, "--plan", str(plan), "--out", str(tmp_path / "mixed"))) == 0
+    cfg = json.loads((tmp_path / "mixed" / "quant_cfg.json").read_text())["quantized_layers"]
+    assert cfg == {"transformer.layers.1.mlp.proj": {"quant_algo": "FP8"},
+                   "transformer.layers.0.attention.dense": {"quant_algo": "W8A16"}}
+    plan.write_text(json.dumps({"plan": {"model.layers.9.mlp.down_proj": "fp8"}}))
+    with pytest.raises(UserError, match="names layer 'model.layers.9.mlp.down_proj', which this model does not have"):
+        run_export(parse(*common, "--plan", str(plan), "--out", str(tmp_path / "bad")))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_bad_input_is_refused_before_loading_anything(common, tmp_path):
     full = tmp_path / "full"
     full.mkdir()
@@ -70,7 +83,7 @@ def test_bad_input_is_refused_before_loading_anything(common, tmp_path):
         run_export(parse(*common, "--plan", str(tmp_path / "nope.json"), "--out", str(tmp_path / "b")))
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
-    with pytest.raises(UserError, match="must be a JSON object"):
+    with pytest.raises(UserError, match="holds no plan"):
         run_export(parse(*common, "--plan", str(bad), "--out", str(tmp_path / "c")))
     with pytest.raises(SystemExit):
         parse(*common, "--format", "fp8", "--plan", str(bad), "--out", str(tmp_path / "d"))

@@ -17,7 +17,8 @@ import copy
 import datetime as dt
 import json
 import time
-from dataclasses import asdict
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from ..models import LoadedModel, load_model
 from ..progress import console
 from ..quant import QuantSpec, quantize
 from ..quant.formats import get_format
+from ..quant.plan import load_plan
 from ..tasks import compare_task_results, evaluate_task, load_task, tasks_summary
 from .budget import Limit, check_budget
 from .drift import layer_drift
@@ -83,13 +85,36 @@ def _sensitivity_swaps(qm, linear_names: list[str], granularity: str) -> dict[st
     return swaps
 
 
-def audit_format(name: str, lm: LoadedModel, calib: Windows, eval_windows: Windows, baseline,
+@dataclass(frozen=True)
+class Candidate:
+    """One thing the audit quantizes and judges: a uniform format, or the mixed-precision plan."""
+
+    name: str
+    spec: QuantSpec
+    description: str
+    trtllm_quant_algo: str | None
+
+
+def candidates(settings: AuditSettings, model: torch.nn.Module) -> list[Candidate]:
+    """The uniform ``--formats``, then the ``--plan`` (TensorRT-LLM ``MIXED_PRECISION``) if given."""
+    common = {"kv_cache": settings.kv_cache, "group_size": settings.group_size, "exclude": tuple(settings.exclude)}
+    out = [Candidate(name, QuantSpec(format=name, **common), get_format(name).description,
+                     get_format(name).trtllm_quant_algo) for name in settings.formats]
+    if settings.plan:
+        plan = load_plan(settings.plan, model)
+        counts = Counter(plan.layers.values())
+        mix = ", ".join(f"{n} x {fmt}" for fmt, n in counts.most_common())
+        out.append(Candidate("plan", QuantSpec(format=plan.default, plan=plan.layers, **common),
+                             f"mixed precision from {settings.plan}: {mix}; other layers {plan.default}",
+                             "MIXED_PRECISION"))
+    return out
+
+
+def audit_format(candidate: Candidate, lm: LoadedModel, calib: Windows, eval_windows: Windows, baseline,
                  settings: AuditSettings, limits: list[Limit], tasks: list | None = None,
                  base_task_results: list | None = None) -> dict:
-    """Everything the report says about one format."""
-    fmt = get_format(name)
-    spec = QuantSpec(format=name, kv_cache=settings.kv_cache, group_size=settings.group_size,
-                     exclude=settings.exclude)
+    """Everything the report says about one candidate."""
+    name, spec = candidate.name, candidate.spec
     started = time.perf_counter()
     qm = quantize(lm.model, spec, calib)
     quantize_seconds = time.perf_counter() - started
@@ -107,8 +132,9 @@ def audit_format(name: str, lm: LoadedModel, calib: Windows, eval_windows: Windo
     n_decoder = len(decoder_stack(lm.model)[0])
     entry = {
         "name": name,
-        "description": fmt.description,
-        "trtllm_quant_algo": fmt.trtllm_quant_algo,
+        "description": candidate.description,
+        "trtllm_quant_algo": candidate.trtllm_quant_algo,
+        "plan": spec.plan,  # {layer: format} for the mixed-precision candidate, else None
         "kv_cache": settings.kv_cache,
         "ppl": stats["ppl"], "ppl_unc": stats["ppl_unc"],
         "ppl_ratio": stats["ppl_ratio"], "ppl_ratio_unc": stats["ppl_ratio_unc"],
@@ -188,16 +214,17 @@ def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: b
     base_task_results = [evaluate_task(lm.model, lm.tokenizer, task, bos=settings.bos) for task in tasks]
     key = settings.fingerprint()
     formats = []
-    for name in settings.formats:
+    for candidate in candidates(settings, lm.model):
+        name = candidate.name
         saved = out / "formats" / f"{name}.json"
         if resume and saved.is_file():
             record = json.loads(saved.read_text())
-            if record.get("settings_fingerprint") == key:
+            if record.get("settings_fingerprint") == key and record["entry"].get("plan") == candidate.spec.plan:
                 console.print(f"[dim]{name}: reusing the finished result in {saved}[/dim]")
                 formats.append(record["entry"])
                 continue
-        console.print(f"[bold]{name}[/bold]: {get_format(name).description}")
-        entry = audit_format(name, lm, calib, eval_windows, baseline, settings, limits, tasks, base_task_results)
+        console.print(f"[bold]{name}[/bold]: {candidate.description}")
+        entry = audit_format(candidate, lm, calib, eval_windows, baseline, settings, limits, tasks, base_task_results)
         atomic_write_json(saved, {"settings_fingerprint": key, "entry": entry})
         formats.append(entry)
     for entry in formats:  # the budget may have changed since a resumed format was saved

@@ -30,6 +30,7 @@ class AuditSettings:
     bos: str = "auto"
     group_size: int = 128
     exclude: list[str] = field(default_factory=list)
+    plan: str | None = None  # a mixed-precision plan file (quant.plan), audited next to the formats
     budget: str = DEFAULT_BUDGET
     top_k: int | None = None  # None: exact full-vocabulary baseline (quantaudit.baseline); K: top-K lower bound
     drift_windows: int = 2
@@ -54,8 +55,8 @@ def validate(settings: AuditSettings) -> list[Limit]:
     """Check every user-given choice before any slow work starts."""
     for name in settings.formats:
         get_format(name)
-    if not settings.formats:
-        raise UserError("--formats is empty: name at least one format (see `quantaudit formats`)")
+    if not settings.formats and not settings.plan:
+        raise UserError("--formats is empty: name at least one format (see `quantaudit formats`) or give --plan")
     get_kv_cache_format(settings.kv_cache)
     if settings.group_size not in (64, 128):
         raise UserError(f"--group-size must be 64 or 128 (what TensorRT-LLM supports), got {settings.group_size}")

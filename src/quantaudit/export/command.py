@@ -3,15 +3,14 @@
 The quantization flags default to ``quantaudit audit``'s (same calibration text, sample count,
 sequence length, BOS policy and group size), so the exported numbers are the audited ones; the
 calibration fingerprint is recorded in ``quantaudit_export.json`` to compare with report.json.
-``--plan`` takes a JSON file: ``{"format": DEFAULT, "layers": {module: format}}`` or a flat
-``{module: format}`` (modules not named keep ``--format``, default none = unquantized).
+``--plan`` takes a plan file (:mod:`quantaudit.quant.plan`: autotune's ``plan.json``,
+``{"format": DEFAULT, "layers": {module: format}}`` or a flat ``{module: format}``); modules it
+does not name get ``--format``, else the plan's default, else stay unquantized.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from ..errors import UserError
 
@@ -53,20 +52,6 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
-def read_plan(path: str) -> tuple[str | None, dict[str, str]]:
-    """(default format or None, {module: format}) from a plan file."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"plan file not found: {path}") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read plan {path}: {exc}") from None
-    layers = data.get("layers", data) if isinstance(data, dict) else None
-    if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in layers.items()):
-        raise UserError(f"plan {path} must be a JSON object {{module: format}} or {{\"format\": ..., \"layers\": {{...}}}}")
-    return (data.get("format") if "layers" in data else None), dict(layers)
-
-
 def run_export(args: argparse.Namespace) -> int:
     from ..data import load_windows
     from ..models import load_model
@@ -74,6 +59,7 @@ def run_export(args: argparse.Namespace) -> int:
     from ..quant import QuantSpec, quantize
     from ..quant.engine import GROUP_SIZES
     from ..quant.formats import get_format, get_kv_cache_format
+    from ..quant.plan import check_layers, read_plan
     from . import TARGETS, check_output_dir, export_checkpoint
     from .build import BuildSettings, run_build_script, runtime_missing
     from .hf import check_hf_request
@@ -81,8 +67,9 @@ def run_export(args: argparse.Namespace) -> int:
     from .trtllm import check_trtllm_request
 
     out = check_output_dir(args.out, args.force)
-    plan_default, plan = read_plan(args.plan) if args.plan else (None, None)
-    fmt = args.format or plan_default or "none"
+    mixed = read_plan(args.plan) if args.plan else None
+    plan = mixed.layers if mixed else None
+    fmt = args.format or (mixed.default if mixed else "none")
     for name in [fmt, *(plan or {}).values()]:
         get_format(name)
     if fmt == "none" and not any(f != "none" for f in (plan or {}).values()):
@@ -97,6 +84,8 @@ def run_export(args: argparse.Namespace) -> int:
     spec = QuantSpec(format=fmt, kv_cache=args.kv_cache, group_size=args.group_size, plan=plan,
                      exclude=tuple(p.strip() for p in args.exclude.split(",") if p.strip()))
     lm = load_model(args.model, device=args.device)
+    if mixed:
+        check_layers(mixed, lm.model, f"plan file {args.plan}")
     if args.target == "trtllm":
         check_trtllm_request(lm.config, args.tp)
     else:

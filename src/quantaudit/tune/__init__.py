@@ -7,7 +7,7 @@ and ``report_fragment`` load :mod:`quantaudit.tune.command` on first use.
 from .cli import AutotuneSettings, add_autotune_arguments, run_autotune
 
 _COMMAND_NAMES = {"autotune", "report_fragment"}
-_PLAN_NAMES = {"effective_bits", "load_plan", "plan_layer_names", "plan_units", "validate_plan"}
+_PLAN_NAMES = {"effective_bits", "plan_units"}
 
 __all__ = sorted({"AutotuneSettings", "add_autotune_arguments", "run_autotune", *_COMMAND_NAMES, *_PLAN_NAMES})
 
