@@ -67,6 +67,25 @@ def test_second_build_reads_the_cache_and_gives_identical_chunks(stories, window
     assert torch.equal(next(built.chunks()).topk_logprobs, want)
 
 
+def test_recomputed_log_probs_are_kept_in_ram_up_to_the_budget(stories, windows, cache, monkeypatch):
+    import quantaudit.baseline as module
+
+    built = build_baseline(stories, windows, batch_size=1)
+    first = list(built.chunks())
+    assert sorted(built._kept) == [0, 1, 2]  # the default budget holds these three windows
+    assert first[0].nbytes == first[0].topk_logprobs.nbytes + first[0].target_logprob.nbytes
+    fresh = open_baseline(built.path)
+    fresh.keep_bytes = first[0].nbytes  # room for window 0 only
+    read = list(fresh.chunks())
+    assert list(fresh._kept) == [0]
+    loads, load_file = [], module.load_file
+    monkeypatch.setattr(module, "load_file", lambda path, **kw: loads.append(path.name) or load_file(path, **kw))
+    again = list(fresh.chunks())
+    assert loads == ["window_00001.safetensors", "head.safetensors", "window_00002.safetensors"]
+    for a, b, c in zip(first, read, again, strict=True):  # kept or recomputed: the same numbers
+        assert torch.equal(a.topk_logprobs, b.topk_logprobs) and torch.equal(a.topk_logprobs, c.topk_logprobs)
+
+
 @pytest.mark.parametrize("damage", ["no meta.json", "missing window", "missing head", "bad json"])
 def test_incomplete_cache_folders_are_never_used(stories, windows, cache, damage):
     built = build_baseline(stories, windows)

@@ -25,7 +25,10 @@ K (None = exact) and the BOS policy. A baseline is written into a temporary sibl
 renamed into place only when complete, and ``meta.json`` (written last) must list files that all
 exist: a killed run never leaves a folder that is read as valid (its ``.tmp-*`` folder is never
 read, and a later build removes it once a day old). Chunks are read back one window at a time,
-so memory stays flat however many windows there are.
+so memory stays flat however many windows there are, except for the recomputed log-probs of
+exact windows, which a :class:`Baseline` keeps in RAM up to ``KEEP_BYTES`` (2 GiB: 16 windows of
+512 tokens at SmolLM2's vocabulary) so that every candidate after the first reads them instead of
+recomputing the output layer and its softmax; windows beyond the budget are recomputed each time.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,6 +55,7 @@ FORMAT_VERSION = 1
 HEAD_FILE = "head.safetensors"
 # A temporary folder untouched this long is a killed run's leftover and is removed.
 STALE_TMP_SECONDS = 24 * 3600
+KEEP_BYTES = 2 * 2**30  # recomputed exact log-probs kept in RAM for the next candidate (module docstring)
 
 
 def baselines_root() -> Path:
@@ -81,6 +85,8 @@ class Baseline:
 
     path: Path
     meta: dict
+    keep_bytes: int = KEEP_BYTES
+    _kept: dict[int, BaselineChunk] = field(default_factory=dict, repr=False)
 
     @property
     def top_k(self) -> int | None:
@@ -96,16 +102,25 @@ class Baseline:
     def n_windows(self) -> int:
         return len(self.meta["files"])
 
+    def _kept_bytes(self) -> int:
+        return sum(chunk.nbytes for chunk in self._kept.values())
+
     def chunks(self, device: torch.device | str = "cpu") -> Iterator[BaselineChunk]:
         """One :class:`BaselineChunk` per window, in window order, on ``device``."""
         head = None
-        for name in self.meta["files"]:
+        for index, name in enumerate(self.meta["files"]):
+            if index in self._kept:
+                yield self._kept[index].to(device)
+                continue
             t = load_file(self.path / name, device=str(device))
             if "hidden" in t:
                 if head is None:
                     head = load_file(self.path / HEAD_FILE, device=str(device))
                 logits = F.linear(t["hidden"], head["weight"], head.get("bias"))
-                yield summarize_logits(logits, t["targets"], None)
+                chunk = summarize_logits(logits, t["targets"], None)
+                if self._kept_bytes() + chunk.nbytes <= self.keep_bytes:
+                    self._kept[index] = chunk
+                yield chunk
             else:
                 ids = t.get("topk_ids")
                 yield BaselineChunk(t["topk_logprobs"], None if ids is None else ids.long(), t["target_logprob"])

@@ -84,6 +84,11 @@ class BaselineChunk:
         """K, or None when the chunk holds the full vocabulary."""
         return None if self.topk_ids is None else self.topk_ids.shape[-1]
 
+    @property
+    def nbytes(self) -> int:
+        ids = 0 if self.topk_ids is None else self.topk_ids.nbytes
+        return self.topk_logprobs.nbytes + ids + self.target_logprob.nbytes
+
     def top1(self) -> torch.Tensor:
         """The base model's argmax token at each position."""
         return self.topk_logprobs.argmax(-1) if self.topk_ids is None else self.topk_ids[:, 0].long()

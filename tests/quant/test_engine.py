@@ -94,6 +94,24 @@ def test_static_fp8_layer_recomputed_by_hand(fp8, calib):
     assert record.codes.dtype == torch.float8_e4m3fn and record.weight_scale.shape == ()
 
 
+def test_static_activation_scales_are_the_full_precision_models_input_maxima(fp8, stories, calib):
+    """ModelOpt's max calibration: per-tensor amax of each linear's input over the unquantized model."""
+    amax: dict[str, float] = {}
+
+    def watch(name):
+        return lambda module, args: amax.__setitem__(name, max(amax.get(name, 0.0), float(args[0].abs().max())))
+
+    names = [f"model.layers.{i}.{p}" for i in range(5) for p in LINEARS]
+    hooks = [stories.model.get_submodule(n).register_forward_pre_hook(watch(n)) for n in names]
+    with torch.no_grad():
+        for ids, length in zip(calib.ids, calib.lengths):
+            stories.model(ids[None, :length])
+    for h in hooks:
+        h.remove()
+    for name in names:
+        assert fp8.layers[name].act_scale.item() == pytest.approx(amax[name] / 448, rel=1e-6), name
+
+
 def test_fused_qkv_share_their_per_tensor_scales(fp8, stories):
     q, k, v = (fp8.layers[f"model.layers.3.self_attn.{p}_proj"] for p in "qkv")
     assert q.weight_scale == k.weight_scale == v.weight_scale  # TensorRT-LLM's fused qkv GEMM

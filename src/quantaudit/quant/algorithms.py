@@ -5,6 +5,13 @@ Like llm-compressor's modifiers, each algorithm declares the calibration statist
 and share a format — into stored codes and scales. The registry :data:`ALGORITHMS` is keyed by
 the format's ``algorithm`` field; no code branches on a format's name.
 
+``sequential`` says where the next layer's calibration inputs come from. GPTQ's reference code
+(IST-DASLab/gptq ``llama_sequential``) re-runs each layer after quantizing it, so later layers are
+calibrated on the error of the earlier ones (llm-compressor's sequential pipeline does this for
+every modifier). ModelOpt's ``max`` calibration and llm-awq's ``run_awq`` instead calibrate on the
+full-precision model's activations; the formats TensorRT-LLM's reference exporter (ModelOpt)
+produces are calibrated that way here, which also takes one forward pass per layer, not two.
+
 * ``rtn``: round-to-nearest from max |w| (ModelOpt's ``max`` calibration of weights).
 * ``smoothquant``: :mod:`quantaudit.quant.smoothquant`, then RTN.
 * ``awq``: AWQ scale search, then per-group clip search, then RTN with the clipped amax
@@ -62,6 +69,8 @@ def _round_to_nearest(job: GroupJob, weights: list[torch.Tensor]) -> list[Quanti
 
 
 class RoundToNearest:
+    sequential = False
+
     def needs(self, spec) -> set[str]:
         return set()
 
@@ -70,6 +79,8 @@ class RoundToNearest:
 
 
 class SmoothQuant:
+    sequential = False
+
     def needs(self, spec) -> set[str]:
         return {"amax", "inputs"} if spec.smoothquant_alpha == "search" else {"amax"}
 
@@ -98,6 +109,8 @@ AWQ_NO_CLIP = ("q_proj", "k_proj")
 
 
 class AWQ:
+    sequential = False
+
     def needs(self, spec) -> set[str]:
         return {"inputs"}
 
@@ -122,6 +135,8 @@ class AWQ:
 
 
 class GPTQ:
+    sequential = True
+
     def needs(self, spec) -> set[str]:
         return {"hessian"}
 

@@ -159,23 +159,30 @@ def _layer_output(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect(layer: nn.Module, targets: dict[nn.Module, InputStats], inputs: LayerInputs, kv_quantizer=None) -> None:
-    """Run ``layer`` on every batch, adding each target linear's real-token inputs to its stats."""
+def collect(layer: nn.Module, targets: dict[nn.Module, InputStats], inputs: LayerInputs, kv_quantizer=None,
+            advance: bool = False) -> None:
+    """Run ``layer`` on every batch, adding each target linear's real-token inputs to its stats;
+    with ``advance``, the outputs of this same pass replace ``inputs`` (one pass instead of two)."""
     current_mask: list[torch.Tensor] = []
 
     def record(stats):
         return lambda module, args: stats.add(args[0][current_mask[0]])
 
     handles = [module.register_forward_pre_hook(record(stats)) for module, stats in targets.items()]
+    outputs = []
     try:
         for hidden, kwargs, mask in zip(inputs.hidden, inputs.kwargs, inputs.masks):
             current_mask[:] = [mask]
             if kv_quantizer is not None:
                 kv_quantizer.token_mask = mask
-            layer(hidden, **kwargs)
+            out = layer(hidden, **kwargs)
+            if advance:
+                outputs.append(_layer_output(out))
     finally:
         for handle in handles:
             handle.remove()
+    if advance:
+        inputs.hidden = outputs
 
 
 @torch.no_grad()

@@ -292,7 +292,9 @@ def _calib_info(calib: Windows | None, used: bool) -> dict:
 
 @torch.no_grad()
 def quantize(model: nn.Module, spec: QuantSpec, calib: Windows | None, progress: bool = True) -> QuantizedModel:
-    """Quantize a copy of ``model`` as ``spec`` says, calibrating layer by layer on ``calib``."""
+    """Quantize a copy of ``model`` as ``spec`` says, calibrating layer by layer on ``calib``: each
+    layer on the full-precision model's activations, or, when an algorithm is ``sequential``
+    (GPTQ), on the outputs of the layers already quantized (:mod:`quantaudit.quant.algorithms`)."""
     started = time.perf_counter()
     get_format(spec.format)
     kv_format = get_kv_cache_format(spec.kv_cache)
@@ -310,6 +312,7 @@ def quantize(model: nn.Module, spec: QuantSpec, calib: Windows | None, progress:
     calibrating = kv_quantizers is not None or any(_needs(f, spec) for f in quantized)
     if calibrating and (calib is None or calib.n == 0):
         raise UserError(f"{spec.format} with KV cache {spec.kv_cache} needs calibration text; give --calib")
+    sequential = any(ALGORITHMS[f.algorithm].sequential for f in quantized)  # see quant.algorithms
     total_tokens = int(calib.lengths.sum()) if calib is not None else 0
     inputs = first_layer_inputs(qmodel, layers, calib.ids, calib.lengths, spec.calib_batch) if calibrating else None
 
@@ -319,15 +322,16 @@ def quantize(model: nn.Module, spec: QuantSpec, calib: Windows | None, progress:
     steps = track(list(enumerate(layers)), f"quantizing to {spec.format}", total=n_layers) if progress else enumerate(layers)
     for i, layer in steps:
         stats, jobs = _jobs(layer, f"model.layers.{i}.", DECODER_GROUPS, assignments, spec, total_tokens)
+        more = i + 1 < n_layers or bool(head_stats)  # does anything after this layer need its outputs?
         if calibrating:
             kvq = kv_quantizers[i] if kv_quantizers else None
-            if stats or kvq is not None:
-                collect(layer, stats, inputs, kvq)
+            if stats or kvq is not None or (more and not sequential):
+                collect(layer, stats, inputs, kvq, advance=more and not sequential)
             if kvq is not None:
                 kvq.finish_calibration()
                 kv_scales[i] = KVScales(kv_format.name, kvq.k_scale, kvq.v_scale, kvq.k_amax, kvq.v_amax)
         _run_jobs(layer, jobs, records)
-        if calibrating and (i + 1 < n_layers or head_stats):
+        if calibrating and more and sequential:
             propagate(layer, inputs)
     for group_stats in head_stats.values():  # lm_head reads the final norm's output
         for hidden, mask in zip(inputs.hidden, inputs.masks):
