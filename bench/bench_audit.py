@@ -2,7 +2,7 @@
 
 Both paths evaluate the same quantized models on the same windows, in one process:
 
-* audit path: one baseline pass (top-K log-prob cache, built fresh, not read from disk), then
+* audit path: one baseline pass (exact baseline cache, built fresh, not read from disk), then
   each format's candidate pass against it (``compare_to_baseline``), as ``quantaudit audit`` does;
 * separate path: per format, what ``quantaudit compare --base M --candidate Q`` does: load the
   base model and run base and candidate in lockstep (``compare_models``).
@@ -17,7 +17,6 @@ drift, sensitivity and all) once and prints its wall time. Writes bench/results/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -74,7 +73,7 @@ def main() -> None:
     ratio = separate_seconds / audit_seconds
     print(f"\n{args.model}: {len(formats)} formats, {windows.n} windows x 512 tokens of WikiText-2 test "
           f"({windows.scored_tokens} scored tokens), load average {os.getloadavg()[0]:.1f}")
-    print(f"{'format':12s} {'KLD audit (top-64)':>19s} {'KLD compare (exact)':>20s} {'rel diff':>9s}")
+    print(f"{'format':12s} {'KLD audit':>19s} {'KLD compare':>20s} {'rel diff':>9s}")
     for name in formats:
         rel = abs(audit_kld[name] - separate_kld[name]) / separate_kld[name]
         print(f"{name:12s} {audit_kld[name]:19.5f} {separate_kld[name]:20.5f} {100 * rel:8.2f}%")
@@ -87,7 +86,7 @@ def main() -> None:
         "model": args.model, "formats": formats, "windows": windows.n, "tokens": windows.scored_tokens,
         "quantize_seconds": quantize_seconds, "audit_eval_seconds": audit_seconds,
         "separate_compare_seconds": separate_seconds, "speedup": ratio,
-        "kld_audit_topk": audit_kld, "kld_compare_exact": separate_kld,
+        "kld_audit": audit_kld, "kld_compare": separate_kld, "load_average_1min": os.getloadavg()[0],
     }
     if args.full_audit:
         from quantaudit.audit.run import run_audit
@@ -103,8 +102,9 @@ def main() -> None:
         result["full_audit_seconds"] = time.perf_counter() - start
         print(f"complete audit (quantize + evaluate + drift + sensitivity + outliers + reports): "
               f"{result['full_audit_seconds']:.1f} s, report in {out_dir}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    from quantaudit.fileio import atomic_write_json
+
+    atomic_write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -72,14 +73,20 @@ def test_ranking_rule_uses_coverage_only():
     assert rank(cov(3e-7, 0.43, 0.3), cov(1e-7, 0.61, 0.46)) == ("calib", "js_divergence_bits")
 
 
-def test_kld_check_needs_a_difference_beyond_two_standard_errors():
-    better, worse = {"kld": 0.0372, "kld_unc": 0.0011}, {"kld": 0.0386, "kld_unc": 0.0016}
+def test_kld_check_pairs_the_per_token_klds():
+    torch.manual_seed(0)
+    shared = torch.rand(4000) * 0.1  # token-to-token variation both calibration sets share
+    better = shared + torch.rand(4000) * 0.001
+    worse = shared + 0.0005 + torch.rand(4000) * 0.001
     check = kld_check(better, worse)
-    assert check["kld_difference"] == pytest.approx(0.0014)
-    assert check["kld_difference_unc"] == pytest.approx((0.0011**2 + 0.0016**2) ** 0.5)
-    assert check["kld_agreement"] == "not significant"
-    assert kld_check({"kld": 0.01, "kld_unc": 0.001}, {"kld": 0.02, "kld_unc": 0.001})["kld_agreement"] == "agrees"
-    assert kld_check({"kld": 0.02, "kld_unc": 0.001}, {"kld": 0.01, "kld_unc": 0.001})["kld_agreement"] == "disagrees"
+    d = (worse - better).double()
+    assert check["kld_difference"] == pytest.approx(float(d.mean()))
+    assert check["kld_difference_unc"] == pytest.approx(float(d.std(unbiased=False)) / (4000 - 1) ** 0.5)
+    # unpaired, the shared variation (s.e. ~0.0009 each) would hide a difference of 0.0005
+    assert math.hypot(float(better.std()), float(worse.std())) / 4000**0.5 > 0.0005 / 2
+    assert check["kld_agreement"] == "agrees"
+    assert kld_check(worse, better)["kld_agreement"] == "disagrees"
+    assert kld_check(better, better + 1e-6 * torch.randn(4000))["kld_agreement"] == "not significant"
 
 
 def _texts(shared_dir, tmp_path):

@@ -24,9 +24,9 @@ an independent check of the ranking. The rule, in order: the lower share of clip
 activation values wins when the two differ by more than ``CLEAR_DIFFERENCE`` (relative) and the
 larger is material (``MATERIAL_CLIP_SHARE``); else the lower unigram JS divergence wins when they
 so differ; else the lower share of unseen eval tokens. The KLD check reports whether the measured
-difference agrees, disagrees, or is within ``SIGNIFICANT_SIGMAS`` combined standard errors (the
-two errors are added in quadrature as if independent; they are positively correlated on the same
-tokens, so this overstates the uncertainty of the difference).
+difference agrees, disagrees, or is within ``SIGNIFICANT_SIGMAS`` standard errors; the two KLDs
+are measured on the same eval tokens against the same baseline, so the error is that of the
+per-token paired difference (:func:`quantaudit.metrics.paired_difference`).
 
 Activation maxima are collected with forward pre-hooks and
 :class:`quantaudit.audit.outliers._Moments` (the outlier audit's per-channel maxima), over real
@@ -343,10 +343,12 @@ def rank(first: dict, second: dict) -> tuple[str, str]:
     return ("calib" if a <= b else "calib2"), "unseen_token_share"
 
 
-def kld_check(better: dict, worse: dict) -> dict:
-    """Does the measured KLD agree with the coverage ranking? ``kld_difference`` = worse - better."""
-    diff = worse["kld"] - better["kld"]
-    unc = math.hypot(worse["kld_unc"], better["kld_unc"])
+def kld_check(better: torch.Tensor, worse: torch.Tensor) -> dict:
+    """Does the measured KLD agree with the coverage ranking? Per-token KLDs of the set ranked
+    better and the other; ``kld_difference`` = mean(worse - better) with its paired standard error."""
+    from .metrics import paired_difference
+
+    diff, unc = paired_difference(better, worse)
     verdict = ("agrees" if diff > SIGNIFICANT_SIGMAS * unc else "disagrees" if diff < -SIGNIFICANT_SIGMAS * unc
                else "not significant")
     return {"kld_difference": diff, "kld_difference_unc": unc, "kld_agreement": verdict}
@@ -355,9 +357,10 @@ def kld_check(better: dict, worse: dict) -> dict:
 # ---------------------------------------------------------------- the command
 
 
-def check_one(lm, units, calib, eval_windows, baseline, s: CalibCheckSettings) -> dict:
-    """Every coverage figure of one calibration set, its reasons, and the KLD it yields."""
+def check_one(lm, units, calib, eval_windows, baseline, s: CalibCheckSettings) -> tuple[dict, "torch.Tensor"]:
+    """Every coverage figure of one calibration set, its reasons, and the KLD it yields (with the per-token KLDs)."""
     from .evaluate import compare_to_baseline
+    from .metrics import PairedAccumulator
     from .quant import QuantSpec, quantize
 
     ranges = calibration_ranges(lm.model, units, calib, s.batch_size)
@@ -369,10 +372,12 @@ def check_one(lm, units, calib, eval_windows, baseline, s: CalibCheckSettings) -
     }
     coverage["summary"] = coverage_summary(coverage["ranges"])
     qm = quantize(lm.model, QuantSpec(format=s.format, group_size=s.group_size), calib)
-    stats = compare_to_baseline(baseline, qm.model, eval_windows)
+    acc = PairedAccumulator()
+    stats = compare_to_baseline(baseline, qm.model, eval_windows, acc=acc)
     found = reasons(coverage, s.format)
     return {"kld": stats["kld"]["mean"], "kld_unc": stats["kld"]["unc"], "ppl_ratio": stats["ppl_ratio"],
-            "top1": stats["top1"], "verdict": "ok" if not found else "mismatch", "reasons": found, "coverage": coverage}
+            "top1": stats["top1"], "verdict": "ok" if not found else "mismatch", "reasons": found,
+            "coverage": coverage}, acc.per_token("kld")
 
 
 def calib_check(s: CalibCheckSettings, out: Path | None = None) -> dict:
@@ -396,15 +401,16 @@ def calib_check(s: CalibCheckSettings, out: Path | None = None) -> dict:
     units = plan_units(lm.model)
     result = {"model": {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint},
               "eval": eval_windows.describe(), "format": s.format, "settings": asdict(s)}
+    per_token = {}
     for role, windows in calibs.items():
         console.print(f"[bold]{role}[/bold]: {windows.source} ({windows.n} samples x {windows.seq_len} tokens)")
-        result[role] = check_one(lm, units, windows, eval_windows, baseline, s)
+        result[role], per_token[role] = check_one(lm, units, windows, eval_windows, baseline, s)
     result["verdict"] = result["calib"]["verdict"]
     result["reasons"] = result["calib"]["reasons"]
     if "calib2" in result:
         better, decided_by = rank(result["calib"]["coverage"], result["calib2"]["coverage"])
         result.update({"better": better, "decided_by": decided_by, "ranking_rule": RANKING_RULE,
-                       **kld_check(result[better], result["calib2" if better == "calib" else "calib"])})
+                       **kld_check(per_token[better], per_token["calib2" if better == "calib" else "calib"])})
     result["exit_code"] = EXIT_OK if result["verdict"] == "ok" else EXIT_BUDGET_FAILED
     if out is not None:
         atomic_write_json(Path(out) / "calib_check.json", result)

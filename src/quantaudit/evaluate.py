@@ -142,15 +142,17 @@ def build_baseline(loaded_model: LoadedModel, windows: Windows, k: int | None = 
 
 
 @torch.inference_mode()
-def compare_to_baseline(baseline: Baseline, candidate_model, windows: Windows, batch_size: int | None = None) -> dict:
-    """llama.cpp-style KL-divergence summary of a candidate against a stored baseline, streamed."""
+def compare_to_baseline(baseline: Baseline, candidate_model, windows: Windows, batch_size: int | None = None,
+                        acc: PairedAccumulator | None = None) -> dict:
+    """llama.cpp-style KL-divergence summary of a candidate against a stored baseline, streamed.
+    Pass ``acc`` to keep the per-token values afterwards (e.g. for :func:`metrics.paired_difference`)."""
     if baseline.meta["windows"]["fingerprint"] != windows.fingerprint:
         raise UserError("the baseline was built on other evaluation windows: rebuild it for this text and --seq-len")
     vocab = _vocab_size(_module(candidate_model))
     if vocab != baseline.meta["vocab_size"]:
         raise UserError(f"candidate vocabulary ({vocab}) differs from the baseline's ({baseline.meta['vocab_size']})")
     started = time.perf_counter()
-    acc = PairedAccumulator()
+    acc = PairedAccumulator() if acc is None else acc
     device = next(_module(candidate_model).parameters()).device
     chunks = baseline.chunks(device)
     for part, logits in _batches(candidate_model, windows, batch_size, "compare"):

@@ -208,6 +208,18 @@ class PerplexityAccumulator:
         return {"tokens": self.tokens, "ppl": ppl, "ppl_unc": ppl * unc, "ln_ppl": mean, "ln_ppl_unc": unc}
 
 
+def paired_difference(first: torch.Tensor, second: torch.Tensor) -> tuple[float, float]:
+    """Mean of ``second − first`` per token and its standard error (as :meth:`Moments.mean_unc`), for
+    two candidates' per-token values on the same tokens against the same baseline. Pairing removes
+    the token-to-token variation both share, so a real difference far smaller than either mean's
+    own uncertainty is still resolved."""
+    if first.shape != second.shape:
+        raise ValueError(f"paired values need the same tokens: {tuple(first.shape)} vs {tuple(second.shape)}")
+    _require_tokens(first.numel())
+    d = second.double() - first.double()
+    return float(d.mean()), math.sqrt(float(d.var(unbiased=False)) / (d.numel() - 1))
+
+
 def percentiles(values: np.ndarray, fractions: dict[str, float]) -> dict[str, float]:
     """llama.cpp's percentiles: linear interpolation at position ``q (n − 1)`` of the sorted values."""
     found = np.quantile(values.astype(np.float64), list(fractions.values()), method="linear")
@@ -249,6 +261,10 @@ class PairedAccumulator:
     def tokens(self) -> int:
         return self.base.tokens
 
+    def per_token(self, name: str) -> torch.Tensor:
+        """The per-token values of ``name`` (one of ``PER_TOKEN``) in scoring order."""
+        return torch.cat(self.values[name])
+
     @property
     def stored_bytes(self) -> int:
         """Bytes held for the percentiles: ``4 * len(PER_TOKEN)`` per token, independent of vocabulary."""
@@ -270,7 +286,7 @@ class PairedAccumulator:
         mse, mse_unc = self.moments["delta_p_sq"].mean_unc()
         rms = math.sqrt(mse)
         top1 = self.same_top1 / n
-        per_token = {name: torch.cat(chunks).numpy() for name, chunks in self.values.items()}
+        per_token = {name: self.per_token(name).numpy() for name in self.PER_TOKEN}
         kld_mean, kld_unc = self.moments["kld"].mean_unc()
         rev_mean, rev_unc = self.moments["kld_reverse"].mean_unc()
         dp_mean, dp_unc = self.moments["delta_p"].mean_unc()
