@@ -88,6 +88,9 @@ def main() -> None:
         "separate_compare_seconds": separate_seconds, "speedup": ratio,
         "kld_audit": audit_kld, "kld_compare": separate_kld, "load_average_1min": os.getloadavg()[0],
     }
+    from quantaudit.fileio import atomic_write_json
+
+    atomic_write_json(args.out, result)  # written now too: the complete audit below takes long
     if args.full_audit:
         from quantaudit.audit.run import run_audit
         from quantaudit.audit.settings import AuditSettings
@@ -102,9 +105,7 @@ def main() -> None:
         result["full_audit_seconds"] = time.perf_counter() - start
         print(f"complete audit (quantize + evaluate + drift + sensitivity + outliers + reports): "
               f"{result['full_audit_seconds']:.1f} s, report in {out_dir}")
-    from quantaudit.fileio import atomic_write_json
-
-    atomic_write_json(args.out, result)
+        atomic_write_json(args.out, result)
 
 
 if __name__ == "__main__":

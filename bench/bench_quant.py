@@ -4,9 +4,11 @@ Protocol (the one the ModelOpt / llm-compressor reference figures in ../shared/R
 evaluation = first 16 windows x 512 tokens of WikiText-2 raw test (BOS auto: none for SmolLM2);
 calibration = first 64 x 512 tokens of WikiText-2 validation (tokenized form). For each format:
 quantize() wall time, mean full-vocabulary KL(base||quant) with its standard error, perplexity,
-top-1 agreement, the INT4 group sizes actually used, and weight storage. Checks the orderings the
-algorithms exist for (GPTQ and AWQ below RTN at the same group size, SmoothQuant below plain W8A8)
-and writes everything to bench/results/quant.json.
+top-1 agreement, the INT4 group sizes (block formats: block sizes) actually used, and weight storage.
+Checks the orderings the algorithms exist for (GPTQ and AWQ below RTN at the same group size,
+SmoothQuant below plain W8A8) and writes everything to bench/results/quant.json. The block-scaled
+formats (NVFP4 family, MXFP4/MXFP8, FP8 128x128 blocks) are reported next to int4_awq and fp8 with no
+ordering imposed among them: their KLDs are whatever this protocol measures.
 
     .venv/bin/python bench/bench_quant.py                       # the full protocol (many minutes)
     .venv/bin/python bench/bench_quant.py --eval-windows 2 --calib-windows 8 --formats int8_wo fp8
@@ -32,7 +34,8 @@ from quantaudit.quant import QuantSpec, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared").resolve()
-FORMATS = ["int8_wo", "fp8", "int8_w8a8_nosmooth", "int8_sq", "int4_wo", "int4_awq", "int4_gptq", "w4a8_awq"]
+FORMATS = ["int8_wo", "fp8", "int8_w8a8_nosmooth", "int8_sq", "int4_wo", "int4_awq", "int4_gptq", "w4a8_awq",
+           "nvfp4", "nvfp4_awq", "w4a8_nvfp4_fp8", "mxfp4", "mxfp8", "fp8_pb_wo"]
 ORDERINGS = [("int4_gptq", "int4_wo"), ("int4_awq", "int4_wo"), ("int8_sq", "int8_w8a8_nosmooth")]
 # Mean KL(base||quant) measured by others on this machine, same protocol (../shared/README.md).
 REFERENCE_KLD = {
@@ -45,7 +48,7 @@ REFERENCE_KLD = {
 
 
 def group_sizes_used(quantized) -> str:
-    """'64 x150, 128 x30': how many quantized linears used each group size."""
+    """'64 x150, 128 x30': how many quantized linears used each group (or block) size."""
     counts = Counter(r.group_size for r in quantized.layers.values() if r.quantized and r.group_size)
     return ", ".join(f"{g} x{n}" for g, n in sorted(counts.items())) or "-"
 
@@ -103,7 +106,7 @@ def main() -> None:
     by_name = {r["format"]: r for r in rows}
     print(f"\nSmolLM2-135M, {rows[0]['tokens']} scored tokens, fp32 PPL {rows[0]['ppl_base']:.2f}; "
           f"calibration {calib.n} x {calib.seq_len} tokens; group size {args.group_size} requested")
-    print(f"{'format':20s} {'mean KLD':>17s} {'PPL':>7s} {'top-1':>6s} {'quantize s':>10s} {'weights MB':>10s}  groups used      reference KLD")
+    print(f"{'format':20s} {'mean KLD':>17s} {'PPL':>7s} {'top-1':>6s} {'quantize s':>10s} {'weights MB':>10s}  groups/blocks    reference KLD")
     for r in rows:
         print(f"{r['format']:20s} {r['kld']:8.4f} ± {r['kld_unc']:6.4f} {r['ppl']:7.2f} {r['top1']:6.3f} "
               f"{r['quant_seconds']:10.1f} {r['weight_bytes'] / 1e6:10.1f}  {r['group_sizes']:16s} {r['reference_kld'] or ''}")

@@ -145,14 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     from .audit.budget import DEFAULT_BUDGET, METRICS
-    from .audit.settings import AuditSettings
+    from .audit.settings import STREAMING_MODES, AuditSettings
+    from .quant.formats import KV_CACHE_FORMATS, KV_SCALES
 
     d = AuditSettings()
     _add_model_arg(p)
     p.add_argument("--formats", default=",".join(d.formats),
                    help="comma-separated formats (see `quantaudit formats`; default: %(default)s)")
-    p.add_argument("--kv-cache", default=d.kv_cache, choices=["none", "fp8", "int8"],
+    p.add_argument("--kv-cache", default=d.kv_cache, choices=list(KV_CACHE_FORMATS),
                    help="KV-cache quantization applied with every format (default: %(default)s)")
+    p.add_argument("--kv-scales", default=d.kv_scales, choices=list(KV_SCALES),
+                   help="shared: one scale per layer for K and V from max(K, V amax), what TensorRT-LLM engines run; "
+                        "separate: K and V each their own, as HF/vLLM checkpoints can carry them (default: %(default)s)")
     p.add_argument("--calib", default=None, metavar="FILE", help="calibration text (default: embedded, calib half)")
     p.add_argument("--calib-size", type=int, default=d.calib_size, help="calibration samples (default: %(default)s)")
     p.add_argument("--calib-seq", type=int, default=d.calib_seq, help="tokens per sample (default: %(default)s)")
@@ -180,6 +184,12 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
                    help="windows for the sensitivity sweep (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: automatic)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--streaming", default=d.streaming, choices=list(STREAMING_MODES),
+                   help="on: read one decoder layer at a time from the safetensors files, never holding the model; "
+                        "auto: only when the model would not fit in free memory (default: %(default)s)")
+    p.add_argument("--stream-ram", type=int, default=None, metavar="MIB",
+                   help="with streaming: keep layer-boundary hidden states in memory up to MIB, spill the rest to a "
+                        "temporary folder (default: a quarter of the free memory)")
     p.add_argument("--gpu", default=None, help="add memory and speed estimates for this GPU (see `quantaudit advise`)")
     _add_task_args(p)
     p.add_argument("--out", default=out_default, required=out_default is None, metavar="DIR",
@@ -198,11 +208,12 @@ def cmd_audit(args) -> int:
     settings = AuditSettings(
         model=args.model, formats=_split(args.formats), tasks=_split(args.tasks), task_data=args.task_data,
         task_limit=args.limit, task_seed=args.seed, task_strict=args.strict,
-        kv_cache=args.kv_cache, calib=args.calib, calib_size=args.calib_size, calib_seq=args.calib_seq,
+        kv_cache=args.kv_cache, kv_scales=args.kv_scales, calib=args.calib, calib_size=args.calib_size, calib_seq=args.calib_seq,
         eval=args.eval, windows=args.windows, seq_len=args.seq_len, bos=args.bos, group_size=args.group_size,
         exclude=_split(args.exclude), plan=args.plan, budget=args.budget, top_k=args.top_k,
         drift_windows=args.drift_windows, sensitivity=args.sensitivity_granularity,
         sensitivity_windows=args.sensitivity_windows, batch_size=args.batch_size, device=args.device, gpu=args.gpu,
+        streaming=args.streaming, stream_ram_mb=args.stream_ram,
     )
     report = run_audit(settings, Path(args.out), force=args.force, resume=args.resume)
     console.print(audit_table(report))

@@ -103,12 +103,17 @@ def model_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_hf_folder(path: Path, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _load_hf_folder(path: Path, device: str):
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), load_tokenizer(path)
 
 
 def _gguf_to_cached_folder(path: Path, fingerprint: str) -> Path:
@@ -136,18 +141,33 @@ def _gguf_to_cached_folder(path: Path, fingerprint: str) -> Path:
     return target
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
-    """Load ``spec`` in fp32 for evaluation; see the module docstring for what ``spec`` may be."""
+def _cannot_load(spec: str, exc: Exception) -> UserError:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return UserError(f"cannot load model {spec}: {type(exc).__name__}: {detail}")
+
+
+def model_folder(spec: str) -> tuple[Path, str]:
+    """``spec``'s Hugging Face folder and fingerprint without loading its weights (a GGUF is dequantized
+    into the cache once): what layer streaming (:mod:`quantaudit.stream`) reads tensor by tensor."""
     path = resolve_model_path(spec)
     fingerprint = model_fingerprint(path)
     try:
-        folder = _gguf_to_cached_folder(path, fingerprint) if path.is_file() else path
+        return (_gguf_to_cached_folder(path, fingerprint) if path.is_file() else path), fingerprint
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to parse a user's file is reported, not traced
+        raise _cannot_load(spec, exc) from exc
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
+    """Load ``spec`` in fp32 for evaluation; see the module docstring for what ``spec`` may be."""
+    folder, fingerprint = model_folder(spec)
+    try:
         model, tokenizer = _load_hf_folder(folder, device)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to parse a user's file is reported, not traced
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UserError(f"cannot load model {spec}: {type(exc).__name__}: {detail}") from exc
+        raise _cannot_load(spec, exc) from exc
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, source=str(folder), fingerprint=fingerprint)
 
 

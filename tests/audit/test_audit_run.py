@@ -23,7 +23,7 @@ def _settings(shared_dir, **overrides) -> AuditSettings:
         calib_size=6, calib_seq=256,
         eval=str(shared_dir / "data/tinystories_sample.txt"),
         windows=None, seq_len=512,
-        drift_windows=1, sensitivity_windows=1,
+        drift_windows=1, sensitivity="linear", sensitivity_windows=1,
         budget="kld<=0.05,top1>=0.85",
     )
     base.update(overrides)

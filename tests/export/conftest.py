@@ -7,17 +7,6 @@ must carry whatever the engine produced.
 from __future__ import annotations
 
 import pytest
-import torch
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """stories260K's tensors are tiny: intra-op threads only add synchronisation. On this 2-core machine
-    shared with other jobs, a stories260K forward took 1.3 s with 2 threads and 17 ms with 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 
@@ -18,35 +16,23 @@ def logits(model, ids) -> torch.Tensor:
         return model(ids).logits
 
 
-def with_shared_kv_scale(model):
-    """A copy of ``model`` whose KV quantizers use max(k_scale, v_scale) for both, as TensorRT-LLM does."""
-    model = copy.deepcopy(model)
-    for layer in model.model.layers:
-        q = layer.self_attn.kv_quantizer
-        both = torch.maximum(q.k_scale, q.v_scale)
-        q.k_scale, q.v_scale = both.clone(), both.clone()
-    return model
-
-
 def quant_linears(model) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def trtllm_w8a16_weight(w: torch.Tensor) -> torch.Tensor:
-    """TensorRT-LLM's load-time W8A16 quantization, written out (cutlass_preprocessors.cpp symmetric_quantize)."""
-    w = w.numpy().astype(np.float32)
-    out = np.empty_like(w)
+    """The weight TensorRT-LLM's W8A16 kernel computes with for a checkpoint weight ``w`` (float32/16 or bfloat16),
+    written out from cutlass_preprocessors.cpp symmetric_quantize: per output channel scale = max|w| * (1/128) in
+    float32, codes = round half away from zero of w / scale clamped to [-128, 127], the scale kept in w's dtype."""
+    kept = w.dtype
+    w = w.float().numpy()
+    out = np.zeros_like(w)
     for row in range(w.shape[0]):
         scale = np.float32(np.abs(w[row]).max()) * np.float32(1 / 128)
+        if scale == 0:
+            continue
         scaled = w[row] / scale
         q = np.clip(np.trunc(scaled + np.copysign(np.float32(0.5), scaled)), -128, 127)
-        out[row] = q * scale
+        out[row] = q * torch.tensor(float(scale)).to(kept).float().item()
     return torch.from_numpy(out)
 
-
-def with_trtllm_w8a16(model):
-    """A copy of ``model`` whose W8A16 weights are what TensorRT-LLM re-quantizes the stored ones to."""
-    model = copy.deepcopy(model)
-    for module in quant_linears(model).values():
-        module.weight = trtllm_w8a16_weight(module.weight)
-    return model

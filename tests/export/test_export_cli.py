@@ -35,14 +35,15 @@ def test_export_quantizes_like_the_audit_and_says_it_cannot_build_here(common, s
     printed = capsys.readouterr().out
     assert code == 0
     assert "--build/--bench skipped: tensorrt_llm is not installed here" in printed
-    assert "differs from the audit" in printed and "max(K, V)" in printed
+    assert "differs from the audit" in printed and "float16" in printed  # the 16-bit embeddings and norms
+    assert "KV" not in printed.split("differs from the audit", 1)[1]  # the one K/V scale is the audited one
     calib = load_windows(shared_dir / "data" / "tinystories_sample.txt", stories.tokenizer, 32, 2, role="calib")
     qm = quantize(stories.model, QuantSpec(format="fp8", kv_cache="fp8"), calib, progress=False)
     rank1 = load_file(out / "rank1.safetensors")
     o = qm.layers["model.layers.4.self_attn.o_proj"]
     assert torch.equal(rank1["transformer.layers.4.attention.dense.weight"].float(), o.codes.float()[:, 32:])
-    assert rank1["transformer.layers.4.attention.kv_cache_scaling_factor"].item() == max(
-        qm.kv_scales[4].k_scale.item(), qm.kv_scales[4].v_scale.item())
+    assert rank1["transformer.layers.4.attention.kv_cache_scaling_factor"].item() == qm.kv_scales[4].k_scale.item() == (
+        max(qm.kv_scales[4].k_amax, qm.kv_scales[4].v_amax) / 448).item()
     provenance = json.loads((out / "quantaudit_export.json").read_text())
     assert provenance["calib"]["fingerprint"] == calib.fingerprint and provenance["tp"] == 2
     assert (out / "tokenizer" / "tokenizer.json").is_file()
@@ -95,4 +96,20 @@ def test_bad_input_is_refused_before_loading_anything(common, tmp_path):
         run_export(parse(*common, "--format", "int8_sq", "--target", "hf", "--out", str(tmp_path / "h")))
     with pytest.raises(UserError, match="--tp applies to --target trtllm"):
         run_export(parse(*common, "--format", "fp8", "--target", "hf", "--tp", "2", "--out", str(tmp_path / "e")))
+    with pytest.raises(UserError, match="--kv-scales separate: a TensorRT-LLM checkpoint holds one KV-cache scale"):
+        run_export(parse(*common, "--format", "fp8", "--kv-cache", "fp8", "--kv-scales", "separate", "--out",
+                         str(tmp_path / "k")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "full"] and (full / "x").read_text() == "keep"
+
+
+def test_kv_scales_flag_is_on_the_commands_that_take_kv_cache():
+    """--kv-scales next to --kv-cache on audit, demo and export, defaulting to what TensorRT-LLM runs."""
+    from quantaudit.cli import build_parser
+
+    parser = build_parser()
+    for command in ("audit", "demo", "export"):
+        sub = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == command)[1]
+        text = " ".join(sub.format_help().split())
+        assert "--kv-scales {shared,separate}" in text and "max(K, V amax)" in text and "(default: shared)" in text
+    args = parser.parse_args(["audit", "--kv-cache", "fp8", "--kv-scales", "separate", "--out", "x"])
+    assert (args.kv_cache, args.kv_scales) == ("fp8", "separate")

@@ -39,7 +39,6 @@ LINEARS = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64), "self_att
 
 def expected_layout(fmt: str, dtype: torch.dtype, kv: bool) -> dict:
     algo = ALGO[fmt]
-    plain = ("mlp.gate_proj", "mlp.up_proj") if fmt in SPEC else ()
     out = {"model.embed_tokens.weight": (dtype, (512, 64)), "model.norm.weight": (dtype, (64,))}  # lm_head tied: absent
     for n in range(5):
         p = f"model.layers.{n}."
@@ -47,7 +46,7 @@ def expected_layout(fmt: str, dtype: torch.dtype, kv: bool) -> dict:
         if kv:
             out[p + "self_attn.k_proj.k_scale"] = out[p + "self_attn.v_proj.v_scale"] = (F32, ())
         for name, (o, i) in LINEARS.items():
-            if algo.startswith("W4") and i % 64 or name in plain:
+            if algo.startswith("W4") and i % 64:
                 out[p + name + ".weight"] = (dtype, (o, i))
                 continue
             for suffix, (dt, shape) in DOCUMENTED[algo].items():
@@ -59,23 +58,17 @@ def expected_layout(fmt: str, dtype: torch.dtype, kv: bool) -> dict:
     return out
 
 
-# TensorRT-LLM's PyTorch backend needs one W4A8 weight_scale_2 for gate/up; the engine gives each its own,
-# so W4A8 is exported here with the MLP kept unquantized (see test_w4a8_gate_up_...).
-SPEC = {"w4a8_awq": {"exclude": ("*.mlp.gate_proj", "*.mlp.up_proj")}}
-
-
 @pytest.mark.parametrize("fmt", list(ALGO))
 def test_hf_tensors_configs_and_exact_round_trip(fmt, quantized, stories, ids, tmp_path):
     kv = "fp8" if fmt in ("fp8", "int4_awq") else "none"
-    qm = quantized(fmt, kv=kv, **SPEC.get(fmt, {}))
+    qm = quantized(fmt, kv=kv)
     path = tmp_path / "hf"
     result = export_checkpoint(qm, stories.config, path, target="hf", dtype="float32", tokenizer=stories.tokenizer)
     tensors = load_file(path / "model.safetensors")
     assert {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()} == expected_layout(fmt, F32, kv != "none")
 
     algo = ALGO[fmt]
-    mlp = ("gate_proj", "up_proj", "down_proj") if fmt in SPEC else ("down_proj",)
-    excluded = ["lm_head"] + ([f"model.layers.{n}.mlp.{m}" for n in range(5) for m in mlp] if algo.startswith("W4") else [])
+    excluded = ["lm_head"] + ([f"model.layers.{n}.mlp.down_proj" for n in range(5)] if algo.startswith("W4") else [])
     quant = json.loads((path / "hf_quant_config.json").read_text())["quantization"]
     assert quant["quant_algo"] == algo and quant["exclude_modules"] == excluded
     assert quant["kv_cache_quant_algo"] == ("FP8" if kv == "fp8" else None)
@@ -100,31 +93,56 @@ def test_hf_tensors_configs_and_exact_round_trip(fmt, quantized, stories, ids, t
     assert torch.equal(logits(rebuilt, ids), logits(expected, ids))
     for name, module in quant_linears(rebuilt).items():
         assert torch.equal(module.codes, qm.layers[name].codes)
-    if kv == "fp8":  # separate K and V scales, as vLLM reads them: the audited ones
+    if kv == "fp8":  # K and V scales as vLLM reads them: the audited ones (one per layer by default)
         for n, layer in enumerate(rebuilt.model.layers):
             assert layer.self_attn.kv_quantizer.k_scale.item() == qm.kv_scales[n].k_scale.item()
             assert layer.self_attn.kv_quantizer.v_scale.item() == qm.kv_scales[n].v_scale.item()
     assert any("folded" in n for n in result.notes) == (fmt in ("int4_awq", "w4a8_awq"))
+    assert any("scale 1.0" in n for n in result.notes) == (kv == "fp8")  # TensorRT-LLM's PyTorch FP8 KV cache
 
 
-def test_w4a8_shares_weight_scale_2_and_input_scale_across_fused_linears(quantized, stories):
-    qm = quantized("w4a8_awq", **SPEC["w4a8_awq"])
+@pytest.mark.parametrize("fmt", ["w4a8_awq", "fp8"])
+def test_fused_linears_hold_one_scale_each_of_what_the_loader_requires_equal(fmt, quantized, stories):
+    """q/k/v and gate/up are one GEMM in TensorRT-LLM's PyTorch backend and vLLM: W4A8's weight_scale_2 and
+    input_scale (asserted equal there) and FP8's weight_scale and input_scale (else re-quantized to the larger)
+    are one value per group, the largest, written unchanged."""
+    qm = quantized(fmt)
     tensors = build_hf(qm, stories.config, "float16").tensors
     p = "model.layers.2."
-    qkv = [qm.layers[p + f"self_attn.{x}_proj"] for x in "qkv"]
-    for x, record in zip("qkv", qkv):  # the engine shares the FP8 weight range of the fused qkv GEMM
-        assert tensors[p + f"self_attn.{x}_proj.weight_scale_2"].item() == record.weight_scale_2.item()
-        assert tensors[p + f"self_attn.{x}_proj.input_scale"].item() == qkv[0].act_scale.item()
-    assert record.weight_scale_2.item() == max(r.codes.float().mul(r.weight_scale.float().repeat_interleave(64, 1))
-                                               .abs().max().item() for r in qkv) / 448
+    role = "weight_scale_2" if fmt == "w4a8_awq" else "weight_scale"
+    for parts in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+        records = [qm.layers[p + x] for x in parts]
+        first = [r.codes.float() * (r.weight_scale.float().repeat_interleave(64, 1) if fmt == "w4a8_awq" else 1)
+                 for r in records]
+        if fmt == "fp8":
+            first = [stories.model.get_submodule(r.name).weight.detach() for r in records]
+        shared = max(f.abs().max().item() for f in first) / 448
+        for x, record in zip(parts, records):
+            assert tensors[p + f"{x}.{role}"].item() == getattr(record, role).item() == pytest.approx(shared, rel=1e-6)
+            assert tensors[p + f"{x}.input_scale"].item() == records[0].act_scale.item()
 
 
-def test_w4a8_gate_up_with_separate_weight_scale_2_is_refused(quantized, stories):
-    qm = quantized("w4a8_awq")
-    gate, up = qm.layers["model.layers.0.mlp.gate_proj"], qm.layers["model.layers.0.mlp.up_proj"]
-    assert gate.weight_scale_2.item() != up.weight_scale_2.item()
+def test_fused_linears_with_different_scales_are_refused(quantized, stories):
+    """The exporter never averages or re-quantizes: parts of one GEMM that disagree are refused."""
+    qm = copy.copy(quantized("w4a8_awq"))
+    qm.layers = dict(qm.layers)
+    up = qm.layers["model.layers.0.mlp.up_proj"]
+    qm.layers[up.name] = copy.copy(up)
+    qm.layers[up.name].weight_scale_2 = up.weight_scale_2 * 2
     with pytest.raises(UserError, match=r"mlp.\{gate_proj,up_proj\} \(one GEMM in TensorRT-LLM's PyTorch backend\)"):
         build_hf(qm, stories.config)
+
+
+def test_separate_kv_scales_are_written_separately(quantized, stories, ids, tmp_path):
+    qm = quantized("fp8", kv="fp8", kv_scales="separate")
+    path = tmp_path / "hf"
+    export_checkpoint(qm, stories.config, path, target="hf", dtype="float32")
+    tensors = load_file(path / "model.safetensors")
+    for n, s in qm.kv_scales.items():
+        p = f"model.layers.{n}.self_attn."
+        assert tensors[p + "k_proj.k_scale"].item() == (s.k_amax / 448).item()
+        assert tensors[p + "v_proj.v_scale"].item() == (s.v_amax / 448).item() != tensors[p + "k_proj.k_scale"].item()
+    assert torch.equal(logits(load_hf_checkpoint(path), ids), logits(qm.model, ids))
 
 
 @pytest.mark.parametrize("fmt", ["int8_sq", "int8_sq_static", "int8_w8a8_nosmooth"])

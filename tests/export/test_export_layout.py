@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantaudit.export.layout import HF, TRTLLM, Dims, split_axis
+from quantaudit.export.layout import HF, TRTLLM, TRTLLM_REFUSED, Dims, split_axis
 from quantaudit.export.packing import pack_int4, shard, unpack_int4, unshard
 from quantaudit.quant.formats import FORMATS
 
@@ -14,7 +14,7 @@ from quantaudit.quant.formats import FORMATS
 TRTLLM_QUANT_ALGOS = {"W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
                       "W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
                       "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", "FP8",
-                      "FP8_PER_CHANNEL_PER_TOKEN", "MIXED_PRECISION"}
+                      "FP8_PER_CHANNEL_PER_TOKEN", "MIXED_PRECISION", "NVFP4", "W4A8_NVFP4_FP8"}
 
 
 def test_pack_puts_adjacent_output_channels_in_one_byte_low_nibble_first():
@@ -55,6 +55,24 @@ def test_split_axis_and_rank_shapes():
 
 def test_every_quantized_format_has_a_trtllm_layout_tensorrt_llm_knows():
     quantized = {n for n, f in FORMATS.items() if f.weight is not None}
-    assert set(TRTLLM) == quantized
-    assert {s.quant_algo for s in TRTLLM.values()} <= TRTLLM_QUANT_ALGOS
-    assert set(HF) == quantized - {"int8_sq", "int8_sq_static", "int8_w8a8_nosmooth"}
+    assert set(TRTLLM) | set(TRTLLM_REFUSED) == quantized and not set(TRTLLM) & set(TRTLLM_REFUSED)
+    assert set(TRTLLM_REFUSED) == {"mxfp4", "mxfp8", "fp8_pb_wo"}
+    # ModelOpt's NVFP4_AWQ is no TensorRT-LLM QuantAlgo: only a layout that says so (a caveat) may declare it
+    assert all(s.quant_algo in TRTLLM_QUANT_ALGOS or s.caveat for s in TRTLLM.values())
+    assert {n for n, s in TRTLLM.items() if s.quant_algo not in TRTLLM_QUANT_ALGOS} == {"nvfp4_awq"}
+    block = {n for n, f in FORMATS.items() if f.weight is not None and f.weight.block is not None}
+    assert set(HF) == quantized - {"int8_sq", "int8_sq_static", "int8_w8a8_nosmooth"} - block
+
+
+def test_layouts_declare_the_registry_quant_algo():
+    """The exporter writes quant.formats' trtllm_quant_algo, not a mapping of its own, and the registry names the
+    TensorRT-LLM layout that runs what the engine computes (tensorrt_llm/quantization/mode.py QuantAlgo)."""
+    for table in (TRTLLM, HF):
+        for name, storage in table.items():
+            assert storage.quant_algo == FORMATS[name].trtllm_quant_algo == FORMATS[storage.reader_format].trtllm_quant_algo
+    algos = {n: f.trtllm_quant_algo for n, f in FORMATS.items()}
+    assert algos["int8_sq"] == algos["int8_w8a8_nosmooth"] == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"  # per-token dynamic
+    assert algos["int8_sq_static"] == "W8A8_SQ_PER_CHANNEL"  # one static activation scale
+    assert algos["int4_wo"] == algos["int4_gptq"] == algos["int4_awq"] == "W4A16_AWQ"  # per group, TensorRT-LLM-loadable
+    assert (algos["int8_wo"], algos["w4a8_awq"], algos["fp8_pc_pt"]) == ("W8A16", "W4A8_AWQ", "FP8_PER_CHANNEL_PER_TOKEN")
+    assert {a for n, a in algos.items() if n in TRTLLM and a not in TRTLLM_QUANT_ALGOS} == {"NVFP4_AWQ"}

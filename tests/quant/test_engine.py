@@ -112,14 +112,33 @@ def test_static_activation_scales_are_the_full_precision_models_input_maxima(fp8
         assert fp8.layers[name].act_scale.item() == pytest.approx(amax[name] / 448, rel=1e-6), name
 
 
-def test_fused_qkv_share_their_per_tensor_scales(fp8, stories):
-    q, k, v = (fp8.layers[f"model.layers.3.self_attn.{p}_proj"] for p in "qkv")
-    assert q.weight_scale == k.weight_scale == v.weight_scale  # TensorRT-LLM's fused qkv GEMM
-    assert q.act_scale == k.act_scale == v.act_scale
-    amax = max(stories.model.get_submodule(r.name).weight.abs().max() for r in (q, k, v))
-    assert q.weight_scale == amax / 448
-    gate, up = fp8.layers["model.layers.3.mlp.gate_proj"], fp8.layers["model.layers.3.mlp.up_proj"]
-    assert gate.weight_scale != up.weight_scale  # separate GEMMs keep their own
+@pytest.mark.parametrize("parts", [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                   ("mlp.gate_proj", "mlp.up_proj")])
+def test_fused_linears_share_their_per_tensor_scales(parts, fp8, stories):
+    """q/k/v and gate/up are one GEMM in TensorRT-LLM: one weight scale (the largest amax, ModelOpt's
+    preprocess_linear_fusion) with every weight re-quantized by it, and one activation scale."""
+    records = [fp8.layers[f"model.layers.3.{p}"] for p in parts]
+    weights = [stories.model.get_submodule(r.name).weight.detach() for r in records]
+    own = [w.abs().max() / 448 for w in weights]
+    assert len(set(s.item() for s in own)) > 1  # their own scales would differ
+    shared = max(own)
+    for record, w in zip(records, weights):
+        assert record.weight_scale == shared and record.act_scale == records[0].act_scale
+        codes = (w / shared).clamp(-448, 448).to(torch.float8_e4m3fn)  # re-quantized with the shared scale
+        assert torch.equal(record.codes.view(torch.uint8), codes.view(torch.uint8))
+
+
+def test_w4a8_fused_linears_share_the_fp8_stage_and_activation_scale(stories, calib):
+    from quantaudit.quant import AWQOptions
+
+    qm = quantize(stories.model, QuantSpec(format="w4a8_awq", group_size=64, awq=AWQOptions(n_grid=2)), calib, progress=False)
+    for parts in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+        records = [qm.layers[f"model.layers.2.{p}"] for p in parts]
+        first_stage = [r.codes.float() * r.weight_scale.float().repeat_interleave(64, dim=1) for r in records]
+        shared = max(f.abs().max() for f in first_stage) / 448
+        for record, first in zip(records, first_stage):
+            assert record.weight_scale_2 == shared and record.act_scale == records[0].act_scale
+            assert torch.equal(record.dequantized_weight(), (first / shared).to(torch.float8_e4m3fn).float() * shared)
 
 
 def test_group_size_fallback_is_recorded(int4):
@@ -147,7 +166,9 @@ def test_include_lm_head_unties_it_and_keeps_the_embedding(stories, calib):
     embedding = quantized.model.model.embed_tokens.weight
     assert head.quantized and quantized.model.config.tie_word_embeddings is False
     assert torch.equal(embedding, stories.model.model.embed_tokens.weight)
-    assert ((head.dequantized_weight() - embedding).abs() <= head.weight_scale / 2 * (1 + 1e-6)).all()
+    source = embedding.detach().to(torch.bfloat16).float()  # int8_wo quantizes the 16-bit weight (quant.weightonly)
+    step = torch.where(head.codes == 127, 1.0, 0.5)  # TensorRT-LLM's grid: a row's +max (128 steps) clamps to 127
+    assert ((head.dequantized_weight() - source).abs() <= head.weight_scale * step * (1 + 1e-6)).all()
 
 
 def test_weight_bytes_count_codes_scales_and_16_bit_rest(int4, stories):

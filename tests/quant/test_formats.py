@@ -3,6 +3,9 @@ on the real E4M3 grid, and QuantLinear computes exactly codes x scales on the ro
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +13,9 @@ from quantaudit.quant.engine import _group_size_for
 from quantaudit.quant.formats import FORMATS, ActQuant, WeightQuant
 from quantaudit.quant.qlinear import QuantLinear, quantize_activation, quantize_weight
 
-WEIGHT_FORMATS = [name for name, f in FORMATS.items() if f.weight is not None]
+# blocks: test_block_formats.py; TensorRT-LLM's own load-time quantization: test_int8_wo_is_what_tensorrt_llm_computes_at_load
+WEIGHT_FORMATS = [name for name, f in FORMATS.items()
+                  if f.weight is not None and f.weight.block is None and not f.weight.quantized_at_load]
 
 
 def e4m3_grid() -> torch.Tensor:
@@ -138,3 +143,70 @@ def test_group_size_falls_back_to_64_then_to_unquantized(in_features, requested,
     assert (reason is None) == (used is not None)
     if reason:
         assert str(in_features) in reason and "unquantized" in reason
+
+
+@pytest.mark.parametrize(
+    "in_features, outs, pad_multiple, used",
+    [
+        (1536, (576,), 64, 64),  # SmolLM2's down_proj: 576 outputs, which 128 would make TensorRT-LLM pad to 640
+        (1536, (1536,), 64, 128),  # nothing to pad at 128
+        (4096, (4096, 1024, 1024), 64, 128),  # a fused qkv GEMM checks every part
+        (4096, (4096, 1024, 960), 64, 64),  # one part of the GEMM decides for all of them
+        (576, (576,), 128, 64),  # W4A8 pads 576 whatever the group: the input rule alone decides
+        (1536, (576,), 128, 128),
+    ],
+)
+def test_group_size_avoids_tensorrt_llm_padding(in_features, outs, pad_multiple, used):
+    """WeightOnlyGroupwiseQuantLinear pads in/out features that are not multiples of max(64 or 128 (W4A8), group)
+    and then cannot load unpadded checkpoint tensors: 64 is taken where 128 would pad and 64 does not."""
+    assert _group_size_for(in_features, 128, outs, pad_multiple) == (used, None)
+
+
+def _c_round_symmetric_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cutlass_preprocessors.cpp symmetric_quantize for 8 bits, written out: per output channel (a row here)
+    scale = max|w| * (1/128) in float32, codes = C round() (ties away from zero) of w / scale, clamped."""
+    codes = np.zeros(w.shape, dtype=np.int8)
+    scales = np.zeros((w.shape[0], 1), dtype=np.float32)
+    for r in range(w.shape[0]):
+        scale = np.float32(np.abs(w[r]).max()) * np.float32(1 / 128)
+        scales[r] = scale
+        for c in range(w.shape[1]):
+            x = np.float32(w[r, c]) / scale if scale != 0 else np.float32(0)
+            nearest = math.floor(abs(float(x))) + (1 if abs(float(x)) - math.floor(abs(float(x))) >= 0.5 else 0)
+            codes[r, c] = max(-128, min(127, int(math.copysign(nearest, float(x)))))
+    return codes, scales
+
+
+def test_int8_wo_is_what_tensorrt_llm_computes_at_load():
+    """TensorRT-LLM quantizes W8A16 weights itself (scale max|w|/128, ties away from zero): the engine's
+    codes and scales are exactly that, of the weight rounded to bfloat16 (what a 16-bit checkpoint holds)."""
+    wq = FORMATS["int8_wo"].weight
+    torch.manual_seed(3)
+    w = torch.randn(12, 40) * torch.logspace(-2, 0, 12)[:, None]
+    w[0, 5] = -w[0].abs().max() * 1.5  # a row whose max is negative: code -128
+    w[1] = 0.0  # an all-zero row: scale 0, codes 0
+    w[2] = torch.randn(40) * 0.01
+    w[2, :4] = torch.tensor([0.5, 1.5, -2.5, 128.0]) / 128  # max 1, scale 2^-7: exact ties (bfloat16 holds them)
+    qw = quantize_weight(w, wq)
+    source = w.to(torch.bfloat16).float().numpy()
+    codes, scales = _c_round_symmetric_quantize(source)
+    assert np.array_equal(qw.codes.numpy(), codes) and np.array_equal(qw.scale.numpy(), scales)
+    assert qw.codes[0].min() == -128 and qw.codes[1].abs().sum() == 0 and qw.scale[1] == 0
+    assert qw.codes[2, :3].tolist() == [1, 2, -3]  # ties away from zero, not to even
+    assert torch.equal(qw.dequantize(), qw.codes.float() * qw.scale)
+
+
+def test_int8_wo_load_source_quantizes_back_to_the_audited_codes():
+    """What the exporter writes for W8A16: TensorRT-LLM's load-time quantization of it, in every checkpoint
+    dtype, is the engine's codes and scales again (including rows whose largest code is 127, not -128)."""
+    from quantaudit.quant.weightonly import load_source
+
+    torch.manual_seed(5)
+    qw = quantize_weight(torch.randn(64, 96) * torch.logspace(-3, 1, 64)[:, None], FORMATS["int8_wo"].weight)
+    assert ((qw.codes == -128).any(dim=1)).any() and (~(qw.codes == -128).any(dim=1)).any()  # both kinds of rows
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        written = load_source(qw.codes, qw.scale).to(dtype).float().numpy()
+        codes, scales = _c_round_symmetric_quantize(written)
+        assert np.array_equal(codes, qw.codes.numpy()), dtype
+        assert np.array_equal(scales, qw.scale.numpy()), dtype
+        assert torch.equal(torch.from_numpy(scales).to(dtype).float(), qw.scale)  # the kernel's scale dtype holds it

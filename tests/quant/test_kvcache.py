@@ -1,4 +1,5 @@
-"""KV-cache quantization: per-layer K/V scales from calibration, keys rounded after RoPE (checked
+"""KV-cache quantization: per-layer K/V scales from calibration (shared by default, as TensorRT-LLM runs
+them, or separate), keys rounded after RoPE (checked
 against a hand-written attention for one layer), a small but real change of the logits."""
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ import pytest
 import torch
 
 from quantaudit.data import load_windows
+from quantaudit.errors import UserError
 from quantaudit.quant import QuantSpec, quantize
+from quantaudit.quant.formats import KV_CACHE_FORMATS
+from quantaudit.quant.kvcache import install_kv_quantizers
 
 HEAD_DIM, HEADS, KV_HEADS = 8, 8, 4  # stories260K
 
@@ -77,10 +81,12 @@ def test_keys_are_rounded_after_rope(kv_fp8, calib):
 
 
 def test_scales_per_layer_from_calibration_amax(stories, kv_fp8, calib):
-    assert sorted(kv_fp8.kv_scales) == list(range(5))
+    """Default ("shared"): one scale for K and V from the larger amax, as TensorRT-LLM runs the cache; both
+    amaxes are kept."""
+    assert sorted(kv_fp8.kv_scales) == list(range(5)) and kv_fp8.spec.kv_scales == "shared"
     for scales in kv_fp8.kv_scales.values():
-        assert scales.format == "fp8" and scales.k_amax > 0 and scales.v_amax > 0
-        assert scales.k_scale == scales.k_amax / 448 and scales.v_scale == scales.v_amax / 448
+        assert scales.format == "fp8" and scales.k_amax > 0 and scales.v_amax > 0 and scales.k_amax != scales.v_amax
+        assert scales.k_scale == scales.v_scale == max(scales.k_amax, scales.v_amax) / 448
     # layer 0's amax, brute force over the real tokens of every calibration window (padding excluded)
     model = stories.model
     attn = model.model.layers[0].self_attn
@@ -102,6 +108,37 @@ def _kld(base, other, ids):
     return (p.exp() * (p - q)).sum(-1).mean().item()
 
 
+def test_separate_scales_are_each_from_their_own_amax(stories, kv_fp8, calib):
+    separate = quantize(stories.model, QuantSpec(format="none", kv_cache="fp8", kv_scales="separate"), calib, progress=False)
+    for i, scales in separate.kv_scales.items():
+        shared = kv_fp8.kv_scales[i]
+        assert torch.equal(scales.k_amax, shared.k_amax) and torch.equal(scales.v_amax, shared.v_amax)  # same calibration
+        assert scales.k_scale == scales.k_amax / 448 and scales.v_scale == scales.v_amax / 448
+    ids = calib.ids[:4, :100]  # stories260K's values are ~10x smaller than its keys: V rounds differently
+    with torch.no_grad():
+        assert not torch.equal(separate.model(ids).logits, kv_fp8.model(ids).logits)
+
+
+def test_unknown_kv_scales_mode_is_refused(stories, calib):
+    with pytest.raises(UserError, match="--kv-scales must be shared or separate"):
+        quantize(stories.model, QuantSpec(format="none", kv_cache="fp8", kv_scales="per_head"), calib, progress=False)
+
+
+def test_kv_quantizers_install_on_attention_whose_linears_are_all_quantized(stories, calib):
+    """An attention module whose q/k/v/o are all QuantLinear (buffers only, no parameter) still gets its
+    quantizer, on the device of its tensors (this used to raise StopIteration)."""
+    quantized = quantize(stories.model, QuantSpec(format="int8_wo"), calib, progress=False)
+    attentions = [layer.self_attn for layer in quantized.model.model.layers]
+    assert not any(True for a in attentions for _ in a.parameters())
+    quantizers = install_kv_quantizers(quantized.model, attentions, KV_CACHE_FORMATS["fp8"])
+    assert all(q.calibrating and q.k_amax.device == a.q_proj.codes.device for q, a in zip(quantizers, attentions))
+    with torch.no_grad():
+        quantized.model(calib.ids[:2, :40])
+    for q in quantizers:
+        q.finish_calibration()
+        assert q.k_amax > 0 and q.k_scale == q.v_scale == max(q.k_amax, q.v_amax) / 448
+
+
 @pytest.mark.parametrize("kv", ["fp8", "int8"])
 def test_kv_quantization_changes_logits_slightly(stories, calib, kv, kv_fp8):
     quantized = kv_fp8 if kv == "fp8" else quantize(stories.model, QuantSpec(format="none", kv_cache=kv), calib, progress=False)
@@ -109,7 +146,7 @@ def test_kv_quantization_changes_logits_slightly(stories, calib, kv, kv_fp8):
     assert 1e-6 < kld < 0.05
     assert quantized.kv_bytes_per_token() == 5 * 2 * KV_HEADS * HEAD_DIM * 1  # one byte per cached element
     qmax = {"fp8": 448, "int8": 127}[kv]
-    assert all(s.k_scale == s.k_amax / qmax and s.v_scale == s.v_amax / qmax for s in quantized.kv_scales.values())
+    assert all(s.k_scale == s.v_scale == max(s.k_amax, s.v_amax) / qmax for s in quantized.kv_scales.values())
     assert stories.model.config._attn_implementation == "sdpa"  # the input model is untouched
 
 

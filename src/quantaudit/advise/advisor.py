@@ -107,6 +107,6 @@ def advise(
 def _notes(shape: ModelShape, gpu) -> list[str]:
     notes = [f"model shape from {shape.source}"]
     if "fp4" in gpu.flops:
-        notes.append(f"{gpu.name} has native FP4 tensor cores (NVFP4 in TensorRT-LLM); quantaudit does not produce "
-                     "NVFP4 checkpoints yet, so it is not among the candidates")
+        notes.append(f"{gpu.name} has native FP4 tensor cores: NVFP4 (and, where TensorRT-LLM has the kernels, MXFP4) "
+                     "formats are among the candidates; audit them before deploying, 4-bit activations cost accuracy")
     return notes

@@ -1,7 +1,8 @@
 """Memory planner: weights, KV cache and activation workspace on N GPUs, as TensorRT-LLM lays them out.
 
 * Weights: every decoder linear at ``formats.weight_bits`` of its shape (codes plus scales), with the
-  group size each layer really gets (quant.engine: 128, else 64, else kept 16-bit); embeddings,
+  group size each layer really gets (quant.engine: 128, else 64, else kept 16-bit; block formats stay
+  16-bit where their block does not divide the input size); embeddings,
   lm_head and norms at 16 bit. A tied lm_head is counted separately, as the TensorRT-LLM checkpoint
   stores it (``share_embedding_table: false`` in ModelOpt's export, ../shared/reference).
 * KV cache: layers x KV heads x head_dim x 2 (K and V) x bytes of the KV dtype per token. With
@@ -89,13 +90,15 @@ class MemoryPlan:
 
 def linear_weight_bytes(fmt: QuantFormat, out_features: int, in_features: int, group_size: int) -> float:
     """Bytes of one linear in ``fmt``: codes and scales, or 16 bit where the engine keeps it unquantized."""
-    from ..quant.engine import _group_size_for
+    from ..quant.engine import _block_size_for, _group_size_for
 
     if fmt.weight is not None and fmt.weight.granularity == "group":
         group, _ = _group_size_for(in_features, group_size)
         if group is None:
             return out_features * in_features * ACT_BYTES
         group_size = group
+    elif fmt.weight is not None and fmt.weight.block is not None and _block_size_for(in_features, fmt)[0] is None:
+        return out_features * in_features * ACT_BYTES
     return out_features * in_features * weight_bits(fmt, in_features, group_size) / 8
 
 
@@ -109,7 +112,7 @@ def weight_bytes(shape: ModelShape, fmt: QuantFormat, group_size: int = 128) -> 
 def kv_bytes_per_token(shape: ModelShape, kv_cache: str, kv_heads: int | None = None) -> float:
     """Bytes one token occupies in the KV cache over all layers, K and V."""
     heads = shape.kv_heads if kv_heads is None else kv_heads
-    return shape.layers * heads * shape.head_dim * 2 * get_kv_cache_format(kv_cache).bits / 8
+    return shape.layers * heads * shape.head_dim * 2 * get_kv_cache_format(kv_cache).storage_bits / 8
 
 
 def activation_bytes(shape: ModelShape, batch: int, max_num_tokens: int) -> float:

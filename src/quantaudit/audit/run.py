@@ -9,6 +9,11 @@ Order of work, chosen so that everything shared is computed once:
    Each finished format is saved to ``DIR/formats/NAME.json`` at once (atomically), so an
    interrupted audit loses at most the format in flight and ``--resume`` picks up from there;
 4. the recommendation, then ``report.json``, ``report.md`` and ``report.html``, each written atomically.
+
+A model too large for memory (``--streaming on``, or ``auto`` when it would not fit) is audited by
+:mod:`quantaudit.stream` instead of steps 1-3: one decoder layer at a time from its safetensors files,
+every format at once, into the same entries (:func:`format_entry`); sensitivity, outliers and tasks
+are then reported as not computed.
 """
 
 from __future__ import annotations
@@ -97,7 +102,8 @@ class Candidate:
 
 def candidates(settings: AuditSettings, model: torch.nn.Module) -> list[Candidate]:
     """The uniform ``--formats``, then the ``--plan`` (TensorRT-LLM ``MIXED_PRECISION``) if given."""
-    common = {"kv_cache": settings.kv_cache, "group_size": settings.group_size, "exclude": tuple(settings.exclude)}
+    common = {"kv_cache": settings.kv_cache, "kv_scales": settings.kv_scales, "group_size": settings.group_size,
+              "exclude": tuple(settings.exclude)}
     out = [Candidate(name, QuantSpec(format=name, **common), get_format(name).description,
                      get_format(name).trtllm_quant_algo) for name in settings.formats]
     if settings.plan:
@@ -110,31 +116,18 @@ def candidates(settings: AuditSettings, model: torch.nn.Module) -> list[Candidat
     return out
 
 
-def audit_format(candidate: Candidate, lm: LoadedModel, calib: Windows, eval_windows: Windows, baseline,
-                 settings: AuditSettings, limits: list[Limit], tasks: list | None = None,
-                 base_task_results: list | None = None) -> dict:
-    """Everything the report says about one candidate."""
-    name, spec = candidate.name, candidate.spec
-    started = time.perf_counter()
-    qm = quantize(lm.model, spec, calib)
-    quantize_seconds = time.perf_counter() - started
-    stats = compare_to_baseline(baseline, qm.model, eval_windows, settings.batch_size)
+def format_entry(candidate: Candidate, settings: AuditSettings, qm, stats: dict, quantize_seconds: float,
+                 drift: dict, sensitivity: dict) -> dict:
+    """The report's entry for one candidate: its records and byte counts (``qm``, a QuantizedModel), paired
+    statistics, drift and sensitivity; shared by the in-memory and the streamed audit."""
     records = qm.layers
     linear_names = list(records)
-    quantized = [n for n in linear_names if records[n].fallback_reason is None and records[n].format != "none"]
-    drift = layer_drift(lm.model, qm.model, eval_windows.subset(settings.drift_windows),
-                        _drift_points(lm.model, linear_names)) if settings.drift_windows else {}
-    sensitivity = {}
-    if settings.sensitivity != "none" and quantized:
-        swaps = _sensitivity_swaps(qm, quantized, settings.sensitivity)
-        sensitivity = sensitivity_kld(lm.model, swaps, eval_windows.subset(settings.sensitivity_windows),
-                                      description=f"sensitivity {name}")
-    n_decoder = len(decoder_stack(lm.model)[0])
+    n_decoder = len(qm.model.model.layers)
     entry = {
-        "name": name,
+        "name": candidate.name,
         "description": candidate.description,
         "trtllm_quant_algo": candidate.trtllm_quant_algo,
-        "plan": spec.plan,  # {layer: format} for the mixed-precision candidate, else None
+        "plan": candidate.spec.plan,  # {layer: format} for the mixed-precision candidate, else None
         "kv_cache": settings.kv_cache,
         "ppl": stats["ppl"], "ppl_unc": stats["ppl_unc"],
         "ppl_ratio": stats["ppl_ratio"], "ppl_ratio_unc": stats["ppl_ratio_unc"],
@@ -160,8 +153,31 @@ def audit_format(candidate: Candidate, lm: LoadedModel, calib: Windows, eval_win
             for n in linear_names
         ],
     }
-    if settings.sensitivity == "decoder":
-        entry["decoder_sensitivity"] = {k: v for k, v in sensitivity.items()}
+    if settings.sensitivity == "decoder" and sensitivity:
+        entry["decoder_sensitivity"] = dict(sensitivity)
+    return entry
+
+
+def audit_format(candidate: Candidate, lm: LoadedModel, calib: Windows, eval_windows: Windows, baseline,
+                 settings: AuditSettings, limits: list[Limit], tasks: list | None = None,
+                 base_task_results: list | None = None) -> dict:
+    """Everything the report says about one candidate."""
+    name, spec = candidate.name, candidate.spec
+    started = time.perf_counter()
+    qm = quantize(lm.model, spec, calib)
+    quantize_seconds = time.perf_counter() - started
+    stats = compare_to_baseline(baseline, qm.model, eval_windows, settings.batch_size)
+    records = qm.layers
+    linear_names = list(records)
+    quantized = [n for n in linear_names if records[n].fallback_reason is None and records[n].format != "none"]
+    drift = layer_drift(lm.model, qm.model, eval_windows.subset(settings.drift_windows),
+                        _drift_points(lm.model, linear_names)) if settings.drift_windows else {}
+    sensitivity = {}
+    if settings.sensitivity != "none" and quantized:
+        swaps = _sensitivity_swaps(qm, quantized, settings.sensitivity)
+        sensitivity = sensitivity_kld(lm.model, swaps, eval_windows.subset(settings.sensitivity_windows),
+                                      description=f"sensitivity {name}")
+    entry = format_entry(candidate, settings, qm, stats, quantize_seconds, drift, sensitivity)
     if tasks:
         comparisons = [compare_task_results(base, evaluate_task(qm.model, lm.tokenizer, task, bos=settings.bos))
                        for task, base in zip(tasks, base_task_results)]
@@ -171,6 +187,36 @@ def audit_format(candidate: Candidate, lm: LoadedModel, calib: Windows, eval_win
     entry["passed"] = not entry["failed"]
     del qm
     return entry
+
+
+def saved_entry(out: Path, candidate: Candidate, key: str) -> dict | None:
+    """The entry a previous run in ``out`` finished for ``candidate`` with the same settings, if any (``--resume``)."""
+    saved = out / "formats" / f"{candidate.name}.json"
+    if saved.is_file():
+        record = json.loads(saved.read_text())
+        if record.get("settings_fingerprint") == key and record["entry"].get("plan") == candidate.spec.plan:
+            console.print(f"[dim]{candidate.name}: reusing the finished result in {saved}[/dim]")
+            return record["entry"]
+    return None
+
+
+def save_entry(out: Path, entry: dict, key: str) -> None:
+    atomic_write_json(out / "formats" / f"{entry['name']}.json", {"settings_fingerprint": key, "entry": entry})
+
+
+@dataclass
+class Audited:
+    """What the report says about the model, the data and the baseline, and every candidate's entry."""
+
+    model: dict
+    eval_windows: Windows
+    calib: Windows
+    baseline: dict  # perplexity summary, weight_bytes, kv_bytes_per_token
+    baseline_top_k: int | None
+    formats: list[dict]
+    outliers: list[dict]
+    tasks: dict | None = None
+    streaming: dict | None = None  # set by the streamed audit: what it did and did not compute
 
 
 def recommend(formats: list[dict], limits: list[Limit]) -> dict:
@@ -194,14 +240,7 @@ def recommend(formats: list[dict], limits: list[Limit]) -> dict:
     }
 
 
-def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: bool = False) -> dict:
-    """Run the whole audit and write the report files; returns the report dict."""
-    limits = validate(settings)
-    if settings.gpu:
-        from ..advise.hardware import load_hardware
-
-        load_hardware().gpu(settings.gpu)  # an unknown GPU fails now, not after the audit
-    prepare_out_dir(out, force, resume)
+def _audit_in_memory(settings: AuditSettings, out: Path, limits: list[Limit], resume: bool) -> Audited:
     lm = load_model(settings.model, device=settings.device)
     eval_windows = load_windows(settings.eval, lm.tokenizer, settings.seq_len, settings.windows, settings.bos)
     calib = load_windows(settings.calib, lm.tokenizer, settings.calib_seq, settings.calib_size, settings.bos,
@@ -215,38 +254,54 @@ def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: b
     key = settings.fingerprint()
     formats = []
     for candidate in candidates(settings, lm.model):
-        name = candidate.name
-        saved = out / "formats" / f"{name}.json"
-        if resume and saved.is_file():
-            record = json.loads(saved.read_text())
-            if record.get("settings_fingerprint") == key and record["entry"].get("plan") == candidate.spec.plan:
-                console.print(f"[dim]{name}: reusing the finished result in {saved}[/dim]")
-                formats.append(record["entry"])
-                continue
-        console.print(f"[bold]{name}[/bold]: {candidate.description}")
-        entry = audit_format(candidate, lm, calib, eval_windows, baseline, settings, limits, tasks, base_task_results)
-        atomic_write_json(saved, {"settings_fingerprint": key, "entry": entry})
+        entry = saved_entry(out, candidate, key) if resume else None
+        if entry is None:
+            console.print(f"[bold]{candidate.name}[/bold]: {candidate.description}")
+            entry = audit_format(candidate, lm, calib, eval_windows, baseline, settings, limits, tasks, base_task_results)
+            save_entry(out, entry, key)
         formats.append(entry)
+    model = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint,
+             "architecture": type(lm.model).__name__,
+             "params": sum(p.numel() for p in lm.model.parameters()),
+             "decoder_layers": len(decoder_stack(lm.model)[0]), "linear_layers": len(linears)}
+    return Audited(model, eval_windows, calib,
+                   {**baseline.ppl, "weight_bytes": unquantized.weight_bytes(),
+                    "kv_bytes_per_token": unquantized.kv_bytes_per_token()},
+                   baseline.top_k, formats, outliers,
+                   {r.task: r.summary for r in base_task_results} if tasks else None)
+
+
+def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: bool = False) -> dict:
+    """Run the whole audit and write the report files; returns the report dict. Layer by layer from the
+    safetensors files (:mod:`quantaudit.stream`) with ``settings.streaming`` on, or auto and too big for memory."""
+    limits = validate(settings)
+    if settings.gpu:
+        from ..advise.hardware import load_hardware
+
+        load_hardware().gpu(settings.gpu)  # an unknown GPU fails now, not after the audit
+    prepare_out_dir(out, force, resume)
+    from ..stream.audit import audit_streamed, use_streaming
+
+    if use_streaming(settings):
+        audited = audit_streamed(settings, out, limits, resume)
+    else:
+        audited = _audit_in_memory(settings, out, limits, resume)
+    formats = audited.formats
     for entry in formats:  # the budget may have changed since a resumed format was saved
         entry["failed"] = check_budget(entry, limits)
         entry["passed"] = not entry["failed"]
-    baseline_bytes = unquantized.weight_bytes()
     for entry in formats:
-        entry["compression"] = baseline_bytes / entry["weight_bytes"]
+        entry["compression"] = audited.baseline["weight_bytes"] / entry["weight_bytes"]
     report = {
         "schema_version": 1,
         "quantaudit_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint,
-                  "architecture": type(lm.model).__name__,
-                  "params": sum(p.numel() for p in lm.model.parameters()),
-                  "decoder_layers": len(decoder_stack(lm.model)[0]), "linear_layers": len(linears)},
-        "eval": eval_windows.describe(),
-        "calib": {**calib.describe(), "samples": calib.n},
-        "settings": {**asdict(settings), "baseline_top_k": baseline.top_k},
+        "model": audited.model,
+        "eval": audited.eval_windows.describe(),
+        "calib": {**audited.calib.describe(), "samples": audited.calib.n},
+        "settings": {**asdict(settings), "baseline_top_k": audited.baseline_top_k},
         "budget": [l.as_dict() for l in limits],
-        "baseline": {**baseline.ppl, "weight_bytes": baseline_bytes,
-                     "kv_bytes_per_token": unquantized.kv_bytes_per_token()},
+        "baseline": audited.baseline,
         "formats": formats,
         "sensitivity_top": {
             f["name"]: sorted(({"name": l["name"], "sensitivity_kld": l["sensitivity_kld"]}
@@ -254,11 +309,13 @@ def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: b
                               key=lambda l: -l["sensitivity_kld"])[:SENSITIVITY_TOP]
             for f in formats
         },
-        "outliers": outliers,
+        "outliers": audited.outliers,
         "recommendation": recommend(formats, limits),
     }
-    if tasks:
-        report["tasks"] = {r.task: r.summary for r in base_task_results}
+    if audited.tasks:
+        report["tasks"] = audited.tasks
+    if audited.streaming:
+        report["streaming"] = audited.streaming
     write_report(report, out)
     if settings.gpu:
         from ..advise import advise

@@ -10,10 +10,11 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from ..errors import UserError
-from ..quant.formats import get_format, get_kv_cache_format
+from ..quant.formats import KV_SCALES, get_format, get_kv_cache_format
 from .budget import DEFAULT_BUDGET, Limit, parse_budget
 
 DEFAULT_FORMATS = ("fp8", "int8_wo", "int8_sq", "int4_awq", "int4_gptq", "w4a8_awq")
+STREAMING_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -21,6 +22,7 @@ class AuditSettings:
     model: str = "smollm2-135m"
     formats: list[str] = field(default_factory=lambda: list(DEFAULT_FORMATS))
     kv_cache: str = "none"
+    kv_scales: str = "shared"  # quant.formats.KV_SCALES
     calib: str | None = None
     calib_size: int = 32
     calib_seq: int = 512
@@ -34,10 +36,16 @@ class AuditSettings:
     budget: str = DEFAULT_BUDGET
     top_k: int | None = None  # None: exact full-vocabulary baseline (quantaudit.baseline); K: top-K lower bound
     drift_windows: int = 2
-    sensitivity: str = "linear"  # linear | decoder | none
+    # decoder: one replay per decoder layer (30 on SmolLM2); linear: one per linear layer (210 on
+    # SmolLM2, ~4 min a format on 2 CPU cores, bench/bench_audit.py), opt-in for a finer ranking
+    sensitivity: str = "decoder"  # linear | decoder | none
     sensitivity_windows: int = 1
     batch_size: int | None = None
     device: str = "cpu"
+    # on: one decoder layer at a time from the safetensors files (quantaudit.stream); auto: when the
+    # model would not fit in memory; off: load it whole
+    streaming: str = "auto"
+    stream_ram_mb: int | None = None  # boundary hidden states kept in memory up to this, then on disk (None: 1/4 of free)
     gpu: str | None = None  # add the advisor's memory/speed section for this GPU
     tasks: list[str] = field(default_factory=list)  # piqa, hellaswag, or .jsonl paths
     task_data: str | None = None
@@ -47,7 +55,8 @@ class AuditSettings:
 
     def fingerprint(self) -> str:
         """Identity of everything that changes a format's numbers (for --resume)."""
-        fields = {k: v for k, v in asdict(self).items() if k not in ("formats", "budget", "batch_size", "device", "gpu")}
+        fields = {k: v for k, v in asdict(self).items() if k not in ("formats", "budget", "batch_size", "device", "gpu",
+                                                                  "streaming", "stream_ram_mb")}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -58,8 +67,14 @@ def validate(settings: AuditSettings) -> list[Limit]:
     if not settings.formats and not settings.plan:
         raise UserError("--formats is empty: name at least one format (see `quantaudit formats`) or give --plan")
     get_kv_cache_format(settings.kv_cache)
+    if settings.kv_scales not in KV_SCALES:
+        raise UserError(f"--kv-scales must be {' or '.join(KV_SCALES)} (got {settings.kv_scales!r})")
     if settings.group_size not in (64, 128):
         raise UserError(f"--group-size must be 64 or 128 (what TensorRT-LLM supports), got {settings.group_size}")
     if settings.sensitivity not in ("linear", "decoder", "none"):
         raise UserError("--sensitivity-granularity must be linear, decoder or none")
+    if settings.streaming not in STREAMING_MODES:
+        raise UserError(f"--streaming must be {', '.join(STREAMING_MODES)} (got {settings.streaming!r})")
+    if settings.stream_ram_mb is not None and settings.stream_ram_mb < 0:
+        raise UserError(f"--stream-ram must be 0 or more MiB (got {settings.stream_ram_mb})")
     return parse_budget(settings.budget)

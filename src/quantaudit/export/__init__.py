@@ -106,16 +106,16 @@ def export_checkpoint(qm, base_config, out_dir: str | Path, target: str = "trtll
         if ck.quant_cfg:
             files["quant_cfg.json"] = ck.quant_cfg
         tensor_files = {f"rank{r}.safetensors": t for r, t in enumerate(ck.ranks)}
-        notes, flags, warnings = ck.notes, ck.build_flags, ck.warnings
+        notes, warnings = ck.notes, ck.warnings
     else:
         ck = build_hf(qm, base_config, dtype, tp)
         quant = ck.hf_quant_config["quantization"]
         files = {"config.json": ck.config, "hf_quant_config.json": ck.hf_quant_config}
-        tensor_files, notes, flags, warnings = {"model.safetensors": ck.tensors}, ck.notes, [], []
+        tensor_files, notes, warnings = {"model.safetensors": ck.tensors}, ck.notes, []
     algo, kv_algo = quant["quant_algo"], quant["kv_cache_quant_algo"]
     name = (source or {}).get("model", "model")
     summary = f"{name}: {qm.spec.format}{' (plan)' if qm.spec.plan else ''} as a {'TensorRT-LLM' if target == 'trtllm' else 'unified HF'} checkpoint"
-    build_md, build_sh = build_files(target, algo, kv_algo, tp, dtype, flags, notes, warnings, build, summary)
+    build_md, build_sh = build_files(target, algo, kv_algo, tp, dtype, notes, warnings, build, summary)
     provenance = {
         "quantaudit": __version__, "target": target, "dtype": dtype, "tp": tp, "quant_algo": algo,
         "kv_cache_quant_algo": kv_algo, "source": source or {}, "spec": qm.spec.describe(), "calib": qm.calib_info,

@@ -5,8 +5,9 @@ The commands are TensorRT-LLM's documented ones (``docs/source/architecture/chec
 --output_dir --max_batch_size --max_input_len --max_seq_len --gemm_plugin auto`` (``auto`` takes the
 checkpoint dtype; the quantized GEMMs - FP8, weight-only, SmoothQuant - pick their plugins from the
 checkpoint's quant_algo), ``--use_fp8_context_fmha enable`` only for FP8 with an FP8 KV cache (the KV
-dtype itself comes from the checkpoint's ``kv_cache_quant_algo``), ``--use_fused_mlp disable`` where
-fusing would re-quantize FP8 gate/up. ``trtllm-bench prepare-dataset`` + ``throughput`` measure it.
+dtype itself comes from the checkpoint's ``kv_cache_quant_algo``). trtllm-build's default fused gate MLP
+re-quantizes nothing: the engine gives FP8 gate/up one weight and activation scale (quant.engine._run_jobs).
+``trtllm-bench prepare-dataset`` + ``throughput`` measure it.
 An HF checkpoint needs no build: TensorRT-LLM's PyTorch backend (``trtllm-serve``, LLM API) and
 vLLM load the folder. Nothing here pretends: without ``tensorrt_llm`` and a CUDA GPU,
 :func:`runtime_missing` says which is absent and nothing is run.
@@ -33,8 +34,7 @@ class BuildSettings:
     bench_requests: int = 100
 
 
-def trtllm_build_command(quant_algo: str, kv_algo: str | None, tp: int, extra_flags: list[tuple[list[str], str]],
-                         settings: BuildSettings) -> list[str]:
+def trtllm_build_command(quant_algo: str, kv_algo: str | None, tp: int, settings: BuildSettings) -> list[str]:
     options = BUILD_OPTIONS[quant_algo]
     cmd = ["trtllm-build", "--checkpoint_dir", ".", "--output_dir", "engine",
            "--max_batch_size", str(settings.max_batch_size), "--max_input_len", str(settings.max_input_len),
@@ -42,7 +42,6 @@ def trtllm_build_command(quant_algo: str, kv_algo: str | None, tp: int, extra_fl
            "--gemm_plugin", options["gemm_plugin"]]
     if options.get("fp8_context_fmha") and kv_algo == "FP8":
         cmd += ["--use_fp8_context_fmha", "enable"]
-    cmd += [f for flags, _ in extra_flags for f in flags]
     if tp > 1:
         cmd += ["--workers", str(tp)]
     return cmd
@@ -65,11 +64,10 @@ def _sh(cmd: list[str]) -> str:
 
 
 def build_files(target: str, quant_algo: str, kv_algo: str | None, tp: int, dtype: str,
-                extra_flags: list[tuple[list[str], str]],
                 notes: list[str], warnings: list[str], settings: BuildSettings, summary: str) -> tuple[str, str]:
     """(BUILD.md, build.sh) for a checkpoint."""
     if target == "trtllm":
-        build = [trtllm_build_command(quant_algo, kv_algo, tp, extra_flags, settings)]
+        build = [trtllm_build_command(quant_algo, kv_algo, tp, settings)]
         bench = _bench_commands(settings, "tensorrt", ".")
         run = "python3 $TENSORRT_LLM/examples/run.py --engine_dir engine --tokenizer_dir tokenizer --max_output_len 64"
         serve = f"mpirun -n {tp} {run}" if tp > 1 else run
@@ -86,7 +84,6 @@ def build_files(target: str, quant_algo: str, kv_algo: str | None, tp: int, dtyp
           f"{kv_algo or 'not quantized'}, dtype {dtype}, tensor parallel {tp}.{dtype_line}", "", how, ""]
     if build:
         md += ["```bash", "./build.sh            # runs:", *(_sh(c) for c in build), "```", ""]
-        md += [f"- `{' '.join(flags)}`: {why}" for flags, why in extra_flags] + ([""] if extra_flags else [])
     md += ["Run:", "", "```bash", serve, "```", "", "Benchmark (`./build.sh --bench`):", "", "```bash",
            *(_sh(c) for c in bench), "```", ""]
     md += ["## Where the deployed model differs from the audited one", ""]

@@ -20,6 +20,7 @@ EXAMPLE = ("example:\n  quantaudit export --model smollm2-135m --format fp8 --kv
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     from ..audit.settings import AuditSettings
+    from ..quant.formats import KV_CACHE_FORMATS, KV_SCALES
     from .build import BuildSettings
 
     d, b = AuditSettings(), BuildSettings()
@@ -27,8 +28,10 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--format", help="the format to export (see `quantaudit formats`)")
     which.add_argument("--plan", metavar="PLAN", help="mixed-precision plan, JSON {module: format} (--target trtllm)")
-    p.add_argument("--kv-cache", default=d.kv_cache, choices=["none", "fp8", "int8"],
+    p.add_argument("--kv-cache", default=d.kv_cache, choices=list(KV_CACHE_FORMATS),
                    help="KV-cache quantization (default: %(default)s)")
+    p.add_argument("--kv-scales", default=d.kv_scales, choices=list(KV_SCALES),
+                   help="shared: one scale per layer for K and V from max(K, V amax), what a TensorRT-LLM checkpoint holds and its engines run; separate: K and V each their own (HF/vLLM k_scale, v_scale; --target hf only) (default: %(default)s)")
     p.add_argument("--calib", default=None, metavar="FILE", help="calibration text (default: embedded, calib half)")
     p.add_argument("--calib-size", type=int, default=d.calib_size, help="calibration samples (default: %(default)s)")
     p.add_argument("--calib-seq", type=int, default=d.calib_seq, help="tokens per sample (default: %(default)s)")
@@ -64,7 +67,7 @@ def run_export(args: argparse.Namespace) -> int:
     from .build import BuildSettings, run_build_script, runtime_missing
     from .hf import check_hf_request
     from .linears import model_facts
-    from .trtllm import check_trtllm_request
+    from .trtllm import check_trtllm_formats, check_trtllm_kv, check_trtllm_request
 
     out = check_output_dir(args.out, args.force)
     mixed = read_plan(args.plan) if args.plan else None
@@ -81,7 +84,10 @@ def run_export(args: argparse.Namespace) -> int:
         raise UserError(f"--target must be one of {', '.join(TARGETS)}")
     if args.target == "hf":
         check_hf_request({fmt, *(plan or {}).values()}, kv_algo, args.tp)
-    spec = QuantSpec(format=fmt, kv_cache=args.kv_cache, group_size=args.group_size, plan=plan,
+    else:
+        check_trtllm_formats({fmt, *(plan or {}).values()})
+        check_trtllm_kv(args.kv_cache, args.kv_scales)
+    spec = QuantSpec(format=fmt, kv_cache=args.kv_cache, kv_scales=args.kv_scales, group_size=args.group_size, plan=plan,
                      exclude=tuple(p.strip() for p in args.exclude.split(",") if p.strip()))
     lm = load_model(args.model, device=args.device)
     if mixed:

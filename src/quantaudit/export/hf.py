@@ -6,7 +6,9 @@ config with ``quantization_config`` (``quant_method: modelopt``, ``convert_hf_co
 ``input_scale`` / ``weight_scale_2`` / ``pre_quant_scale`` and ``k_proj.k_scale`` / ``v_proj.v_scale``
 (:data:`quantaudit.export.layout.HF`). Loaders: TensorRT-LLM's PyTorch backend (LLM API,
 ``trtllm-serve``; FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16_AWQ, W4A8_AWQ) and vLLM's ModelOpt
-support (FP8 and FP8_PER_CHANNEL_PER_TOKEN only, FP8 KV cache only).
+support (FP8 and FP8_PER_CHANNEL_PER_TOKEN only, FP8 KV cache only). KV-cache scales are written as the
+engine has them, one per K and V (equal with ``--kv-scales shared``): vLLM's ``BaseKVCacheMethod`` uses
+separate ``k_scale`` / ``v_scale``.
 
 As ModelOpt does, the AWQ pre-quant scale of the linears fed by an RMSNorm (q/k/v, gate/up) is folded
 into that norm's weight; o_proj/down_proj keep a ``pre_quant_scale`` tensor (ones for GPTQ/RTN INT4,
@@ -14,8 +16,8 @@ which TensorRT-LLM's loader reads there unconditionally). Refused: SmoothQuant f
 form either loader runs), mixed-precision plans, INT8 KV cache, more than one INT4 group size (the
 loaders take one ``group_size``), and W4A8 with different ``weight_scale_2`` / ``input_scale`` across
 linears TensorRT-LLM's PyTorch backend runs as one GEMM (q/k/v, gate/up: it asserts they are equal;
-ModelOpt's export unifies them, our engine shares them for q/k/v only). Tensor parallelism is the
-runtime's job here.
+ModelOpt's export unifies them and so does our engine; the check guards that), likewise FP8's weight and
+input scales (the loaders would re-quantize to the larger). Tensor parallelism is the runtime's job here.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import torch
 
 from .. import __version__
 from ..errors import UserError
-from ..quant.formats import get_kv_cache_format
-from .layout import DECODER_SLOTS, DTYPES, HF, HF_KV_ALGOS, HF_KV_SCALES, Storage
+from ..quant.formats import get_format, get_kv_cache_format
+from .layout import DECODER_SLOTS, DTYPES, HF, HF_KV_ALGOS, HF_KV_SCALES, TRTLLM, TRTLLM_REFUSED, Storage
 from .linears import PLAIN, Part, common_format, encode, model_facts, parts_of, role_value
 
 # HF linears TensorRT-LLM/vLLM load as one GEMM, with the RMSNorm feeding them.
@@ -54,7 +56,11 @@ def check_hf_request(formats: set[str], kv_algo: str | None, tp: int) -> None:
     formats = formats - {"none"}
     if len(formats) > 1:
         raise UserError(f"mixed-precision plans ({', '.join(sorted(formats))}) export only to --target trtllm")
-    for fmt in formats - set(HF):
+    for fmt in sorted(formats - set(HF)):
+        if get_format(fmt).weight.block is not None:
+            where = "export it with --target trtllm" if fmt in TRTLLM else f"and {TRTLLM_REFUSED[fmt]}"
+            raise UserError(f"--target hf: quantaudit does not write {fmt} as a unified HF checkpoint (ModelOpt's "
+                            f"block-scaled layouts) yet; {where}")
         raise UserError(f"{fmt} has no ModelOpt unified-checkpoint form that TensorRT-LLM's PyTorch backend or vLLM "
                         "loads (SmoothQuant INT8 runs only in TensorRT engines); export it with --target trtllm")
     if kv_algo and kv_algo not in HF_KV_ALGOS:
@@ -154,19 +160,21 @@ def _quantization_config(quantization: dict, producer: dict) -> dict:
 
 
 def _notes(qm, fmt: str, storage: Storage, dtype: str) -> list[str]:
-    notes = [f"{storage.quant_algo}: {storage.reload}"] if storage.reload else []
+    notes = []
     if dtype != "float32":
         notes.append(f"embeddings, norms, unquantized linears and pre-quant scales are stored in {dtype} "
                      "(the audit computed with their float32 values)")
     if storage.fold_pqs_into_norm and any(r.pre_quant_scale is not None for r in qm.layers.values()):
         notes.append("the AWQ pre-quant scales of q/k/v and gate/up are folded into the RMSNorm weights "
                      "(ModelOpt's unified export does the same): norm * scale is rounded once more")
-    if fmt == "fp8":
-        differ = [n for n in qm.layers if n.endswith("mlp.gate_proj") and qm.layers[n].quantized and not torch.equal(
-            qm.layers[n].weight_scale, qm.layers[n.replace("gate_proj", "up_proj")].weight_scale)]
-        if differ:
-            notes.append("FP8 gate/up have separate weight scales; vLLM and TensorRT-LLM's PyTorch backend run them "
-                         "as one GEMM re-quantized to the larger scale")
+    cast = [r for r in qm.layers.values() if r.quantized and storage.scale_cast
+            and not torch.equal(r.weight_scale.to(DTYPES[dtype]).float(), r.weight_scale.float())]
+    if cast:
+        notes.append(f"{storage.quant_algo}: TensorRT-LLM's PyTorch backend holds weight_scale in {dtype}, which rounds "
+                     f"the audited scales of {len(cast)} layers")
+    if qm.kv_scales and get_kv_cache_format(qm.spec.kv_cache).kind == "fp8":
+        notes.append("FP8 KV cache: TensorRT-LLM's PyTorch backend runs it with scale 1.0, not k_scale/v_scale (its "
+                     "attention reads them for an NVFP4 KV cache only: _torch/attention_backend/trtllm.py); vLLM uses them")
     if fmt == "w4a8_awq":
         notes.append("W4A8_AWQ: TensorRT-LLM's loader holds weight_scale / weight_scale_2 in float16 for the kernel "
                      "(up to 2^-11 relative per group scale); the audit used the float32 ratio")

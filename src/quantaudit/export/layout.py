@@ -36,11 +36,26 @@ Where ModelOpt and TensorRT-LLM differ we follow what TensorRT-LLM loads:
   therefore written through the ``W4A16_AWQ`` path with ``pre_quant_scale: false``: the same packed
   (out/2, in) int8 weight and (out, in/group) scales, packed by TensorRT-LLM when it loads them.
 * int8_wo is ``W8A16`` as ModelOpt's flow writes it (``quantize_by_modelopt``: ``int8_wo`` is
-  exported unquantized and TensorRT-LLM quantizes at load): the weight in the checkpoint dtype.
-  TensorRT-LLM re-quantizes it on its own grid (``cutlass_preprocessors.cpp``
-  ``symmetric_quantize``: scale = max|w| / 128 per output channel, round half away from zero,
-  clamp [-128, 127]); our engine's int8_wo grid is max|w| / 127, so the deployed codes differ from
-  the audited ones (the export says so; nothing pre-quantized can be loaded without the compiled op).
+  exported unquantized and TensorRT-LLM quantizes at load): a weight in the checkpoint dtype, which
+  TensorRT-LLM quantizes with ``symmetric_quantize`` (nothing pre-quantized loads without its compiled
+  preprocessing op). The engine's int8_wo is exactly that quantization (:mod:`quantaudit.quant.weightonly`)
+  and the checkpoint holds ``load_source`` of its codes, whose load-time quantization gives them back;
+  the exporter checks this on the tensors it writes (per rank) and says where it does not hold.
+
+The NVFP4 family as ModelOpt's TensorRT-LLM export writes it (``quant_utils.get_weight_scaling_factor``
+/ ``_2`` / ``get_activation_scaling_factor``, ``to_quantized_weight`` -> ``NVFP4QTensor.quantize``,
+``process_layer_quant_config``) and TensorRT-LLM's ``preprocess_weights`` (NVFP4 branch) + ``FP4Linear``
+read it: ``weight`` uint8 (out, in/2), two E2M1 codes per byte along the input (low nibble first);
+``weights_scaling_factor`` float8_e4m3fn (out, in/block); ``weights_scaling_factor_2`` float32 (1,)
+(NVFP4: weight amax / (6 * 448); W4A8_NVFP4_FP8: amax / 448); ``activation_scaling_factor`` float32 (1,)
+(NVFP4: input amax / (6 * 448), the activation global scale; W4A8_NVFP4_FP8: the FP8 scale amax / 448).
+Per-tensor scales are (1,) as in ModelOpt's FP8 export (../shared/reference) and FP4Linear's parameters.
+The layer config carries ``group_size`` = the block (16; 32 for W4A8_NVFP4_FP8) and, for NVFP4_AWQ and
+W4A8_NVFP4_FP8, ``has_zero_point: false, pre_quant_scale: true`` - exactly ModelOpt's keys, although
+W4A8_NVFP4_FP8 (no AWQ) has no pre-quant scale tensor. NVFP4_AWQ's ``prequant_scaling_factor`` is
+written per linear as W4A16_AWQ's. Only NVFP4 is read by TensorRT-LLM's TensorRT-engine loader;
+the other two carry a caveat (:data:`TRTLLM` ``caveat``). MXFP4, MXFP8 and FP8 2-D block weights have
+no TensorRT-LLM checkpoint layout: :data:`TRTLLM_REFUSED` says why.
 """
 
 from __future__ import annotations
@@ -48,6 +63,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from ..quant.formats import get_format
 
 
 @dataclass(frozen=True)
@@ -76,8 +93,10 @@ TOP_TENSORS = {
     "transformer.vocab_embedding.weight": ("model.embed_tokens.weight", 0),
     "transformer.ln_f.weight": ("model.norm.weight", None),
 }
-KV_CACHE_SCALE = "attention.kv_cache_scaling_factor"  # (1,) float32 = max(k, v): what TensorRT-LLM uses
-KV_SEPARATE_SCALES = ("attention.k_cache_scaling_factor", "attention.v_cache_scaling_factor")  # ModelOpt also writes these
+# (1,) float32: the engine's one K/V scale of the layer (QuantSpec.kv_scales "shared"), what TensorRT-LLM runs
+KV_CACHE_SCALE = "attention.kv_cache_scaling_factor"
+# ModelOpt writes these too; TensorRT-LLM's preprocess_weights replaces them by their max (equal here)
+KV_SEPARATE_SCALES = ("attention.k_cache_scaling_factor", "attention.v_cache_scaling_factor")
 
 
 @dataclass(frozen=True)
@@ -85,7 +104,8 @@ class TensorSpec:
     """One stored tensor of a quantized linear.
 
     ``role``: ``codes`` (int8 / float8 codes, ``packed`` two INT4 per byte: adjacent output channels,
-    low nibble first), ``dequantized`` (codes * scale), ``weight_scale``, ``act_scale``, ``pqs``
+    low nibble first), ``load_source`` (W8A16: the float weight TensorRT-LLM quantizes back to the codes at
+    load, :func:`quantaudit.quant.weightonly.load_source`), ``weight_scale``, ``act_scale``, ``pqs``
     (input multiplier; ones where the engine has none), ``smoother`` (SmoothQuant's s: the input is
     divided by it), ``weight_scale_2`` (W4A8: the per-tensor FP8 scale the kernel converts codes * scale with).
     """
@@ -95,6 +115,7 @@ class TensorSpec:
     dtype: torch.dtype | None  # None: the checkpoint dtype
     shape: tuple[str, ...]
     packed: bool = False
+    pack_axis: str = "out"  # packing.PACKINGS: INT4 pairs outputs, FP4 pairs inputs
     row_only: bool = False  # only on row-parallel linears (SmoothQuant smoother)
     unfused_only: bool = False  # HF: only on linears not fed by a norm (elsewhere folded into the norm)
 
@@ -112,8 +133,9 @@ class Storage:
     norm_tensors: tuple[TensorSpec, ...] = ()  # on norms feeding a linear of this format
     shared_in_fused: tuple[str, ...] = ()  # HF: roles the loader requires equal across fused q/k/v and gate/up
     fold_pqs_into_norm: bool = False  # HF: the pre-quant scale of norm-fed linears is folded into the norm
-    reload: str | None = None  # how the loader changes the stored numbers (None: it keeps them)
     scale_cast: bool = False  # the loader holds the weight scale in the checkpoint dtype
+    block_config: tuple[tuple[str, object], ...] | None = None  # block formats: layer-config keys after group_size
+    caveat: str | None = None  # why TensorRT-LLM may not load it (a warning of the export)
 
     @property
     def scale_in_model_dtype(self) -> bool:
@@ -124,54 +146,56 @@ class Storage:
 FP32, INT8, FP8, UINT8 = torch.float32, torch.int8, torch.float8_e4m3fn, torch.uint8
 OUT_IN = ("out", "in")
 PACKED = ("out/2", "in")
+FP4_PACKED = ("out", "in/2")
 GROUPS = ("out", "in/g")
 ONE = ("1",)
 
-_W8A16_RELOAD = (
-    "TensorRT-LLM quantizes W8A16 weights itself when it loads them (scale max|w|/128 per output channel, "
-    "round half away from zero); the audited int8_wo grid is max|w|/127, so the deployed INT8 codes differ "
-    "from the audited ones by up to one step"
-)
+
+
+def _algo(fmt: str) -> str:
+    """The quant_algo a format's checkpoint declares: the registry's (quant.formats), never a second mapping."""
+    return get_format(fmt).trtllm_quant_algo
+
 
 TRTLLM: dict[str, Storage] = {
-    "fp8": Storage("FP8", "fp8", (
+    "fp8": Storage(_algo("fp8"), "fp8", (
         TensorSpec("weight", "codes", FP8, OUT_IN),
         TensorSpec("weights_scaling_factor", "weight_scale", FP32, ONE),
         TensorSpec("activation_scaling_factor", "act_scale", FP32, ONE),
     )),
-    "fp8_pc_pt": Storage("FP8_PER_CHANNEL_PER_TOKEN", "fp8_pc_pt", (
+    "fp8_pc_pt": Storage(_algo("fp8_pc_pt"), "fp8_pc_pt", (
         TensorSpec("weight", "codes", FP8, OUT_IN),
         TensorSpec("per_channel_scale", "weight_scale", FP32, ("out",)),
     ), whole_blocks=True),
-    "int8_wo": Storage("W8A16", "int8_wo", (
-        TensorSpec("weight", "dequantized", None, OUT_IN),
-    ), reload=_W8A16_RELOAD),
-    "int4_wo": Storage("W4A16_AWQ", "int4_wo", (
+    "int8_wo": Storage(_algo("int8_wo"), "int8_wo", (
+        TensorSpec("weight", "load_source", None, OUT_IN),
+    )),
+    "int4_wo": Storage(_algo("int4_wo"), "int4_wo", (
         TensorSpec("weight", "codes", INT8, PACKED, packed=True),
         TensorSpec("weights_scaling_factor", "weight_scale", FP32, GROUPS),
     ), grouped=True),
-    "int4_gptq": Storage("W4A16_AWQ", "int4_wo", (
+    "int4_gptq": Storage(_algo("int4_gptq"), "int4_wo", (
         TensorSpec("weight", "codes", INT8, PACKED, packed=True),
         TensorSpec("weights_scaling_factor", "weight_scale", FP32, GROUPS),
     ), grouped=True),
-    "int4_awq": Storage("W4A16_AWQ", "int4_awq", (
+    "int4_awq": Storage(_algo("int4_awq"), "int4_awq", (
         TensorSpec("weight", "codes", INT8, PACKED, packed=True),
         TensorSpec("weights_scaling_factor", "weight_scale", FP32, GROUPS),
         TensorSpec("prequant_scaling_factor", "pqs", None, ("in",)),
     ), grouped=True, pre_quant_scale=True),
-    "w4a8_awq": Storage("W4A8_AWQ", "w4a8_awq", (
+    "w4a8_awq": Storage(_algo("w4a8_awq"), "w4a8_awq", (
         TensorSpec("weight", "codes", INT8, PACKED, packed=True),
         TensorSpec("weights_scaling_factor", "weight_scale", FP32, GROUPS),
         TensorSpec("weights_scaling_factor_2", "weight_scale_2", FP32, ONE),
         TensorSpec("activation_scaling_factor", "act_scale", FP32, ONE),
         TensorSpec("prequant_scaling_factor", "pqs", None, ("in",)),
     ), grouped=True, pre_quant_scale=True),
-    "int8_sq": Storage("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "int8_sq", (
+    "int8_sq": Storage(_algo("int8_sq"), "int8_sq", (
         TensorSpec("weight", "codes", INT8, OUT_IN),
         TensorSpec("per_channel_scale", "weight_scale", FP32, ("1", "out")),
         TensorSpec("smoother", "smoother", FP32, ("1", "in"), row_only=True),
     ), whole_blocks=True, norm_tensors=(TensorSpec("scale_to_int", "one", FP32, ONE),)),
-    "int8_sq_static": Storage("W8A8_SQ_PER_CHANNEL", "int8_sq_static", (
+    "int8_sq_static": Storage(_algo("int8_sq_static"), "int8_sq_static", (
         TensorSpec("weight", "codes", INT8, OUT_IN),
         TensorSpec("weights_scaling_factor", "weight_scale", FP32, ("out",)),
         TensorSpec("activation_scaling_factor", "act_scale", FP32, ONE),
@@ -180,27 +204,61 @@ TRTLLM: dict[str, Storage] = {
 }
 TRTLLM["int8_w8a8_nosmooth"] = TRTLLM["int8_sq"]  # the same kernels with smoother = 1
 
+_TRT_ENGINE_LOADER_NVFP4_ONLY = (
+    "TensorRT-LLM's TensorRT-engine loader (models/modeling_utils.preprocess_weights) converts block-scaled FP4 "
+    "weights only for quant_algo NVFP4, so trtllm-build is expected to reject this checkpoint; TensorRT-LLM runs "
+    "{algo} from ModelOpt unified HF checkpoints in its PyTorch backend, which quantaudit does not write for it"
+)
+_NVFP4_TENSORS = (
+    TensorSpec("weight", "codes", UINT8, FP4_PACKED, packed=True, pack_axis="in"),
+    TensorSpec("weights_scaling_factor", "weight_scale", FP8, GROUPS),
+    TensorSpec("weights_scaling_factor_2", "weight_scale_2", FP32, ONE),
+    TensorSpec("activation_scaling_factor", "act_scale", FP32, ONE),
+)
+TRTLLM["nvfp4"] = Storage("NVFP4", "nvfp4", _NVFP4_TENSORS, block_config=())
+TRTLLM["nvfp4_awq"] = Storage(
+    "NVFP4_AWQ", "nvfp4_awq", (*_NVFP4_TENSORS, TensorSpec("prequant_scaling_factor", "pqs", None, ("in",))),
+    pre_quant_scale=True, block_config=(("has_zero_point", False), ("pre_quant_scale", True)),
+    caveat=_TRT_ENGINE_LOADER_NVFP4_ONLY.format(algo="NVFP4_AWQ"))
+TRTLLM["w4a8_nvfp4_fp8"] = Storage(
+    "W4A8_NVFP4_FP8", "w4a8_nvfp4_fp8", _NVFP4_TENSORS,
+    block_config=(("has_zero_point", False), ("pre_quant_scale", True)),
+    caveat=_TRT_ENGINE_LOADER_NVFP4_ONLY.format(algo="W4A8_NVFP4_FP8"))
+
+# Formats with no TensorRT-LLM checkpoint layout, and why (export refuses them before quantizing).
+TRTLLM_REFUSED = {
+    "mxfp4": "TensorRT-LLM's checkpoint format has no dense W4A16_MXFP4 layout: ModelOpt's TensorRT-LLM export "
+             "writes the raw name 'mxfp4' as quant_algo (process_layer_quant_config), which TensorRT-LLM's QuantAlgo "
+             "does not define, and its engine loader (preprocess_weights) converts no MX weights; TensorRT-LLM runs "
+             "MXFP4 in its PyTorch backend (GPT-OSS experts)",
+    "mxfp8": "TensorRT-LLM's checkpoint format has no MXFP8 layout: ModelOpt's exporter has no MXFP8 format (it "
+             "classifies E4M3 block weights as fp8_pb_wo) and TensorRT-LLM's engine loader converts no MX weights",
+    "fp8_pb_wo": "TensorRT-LLM's checkpoint format has no FP8_BLOCK_SCALES layout: ModelOpt's TensorRT-LLM export "
+                 "writes the raw name 'fp8_pb_wo' as quant_algo, which TensorRT-LLM does not define; TensorRT-LLM runs "
+                 "FP8 block scales in its PyTorch backend from Hugging Face checkpoints (DeepSeek style)",
+}
+
 _HF_AWQ_FAMILY = dict(grouped=True, fold_pqs_into_norm=True)
 HF: dict[str, Storage] = {
-    "fp8": Storage("FP8", "fp8", (
+    "fp8": Storage(_algo("fp8"), "fp8", (
         TensorSpec("weight", "codes", FP8, OUT_IN),
         TensorSpec("weight_scale", "weight_scale", FP32, ()),
         TensorSpec("input_scale", "act_scale", FP32, ()),
-    )),
-    "fp8_pc_pt": Storage("FP8_PER_CHANNEL_PER_TOKEN", "fp8_pc_pt", (
+    ), shared_in_fused=("weight_scale", "act_scale")),  # else the loaders re-quantize to the larger (rescale_fused_weights)
+    "fp8_pc_pt": Storage(_algo("fp8_pc_pt"), "fp8_pc_pt", (
         TensorSpec("weight", "codes", FP8, OUT_IN),
         TensorSpec("weight_scale", "weight_scale", FP32, ("out",)),
     )),
-    "int8_wo": Storage("W8A16", "int8_wo", (
+    "int8_wo": Storage(_algo("int8_wo"), "int8_wo", (
         TensorSpec("weight", "codes", INT8, OUT_IN),
         TensorSpec("weight_scale", "weight_scale", FP32, ("out",)),
-    ), reload="TensorRT-LLM's PyTorch backend holds the per-channel weight_scale in the model dtype", scale_cast=True),
-    "int4_awq": Storage("W4A16_AWQ", "int4_awq", (
+    ), scale_cast=True),  # TensorRT-LLM's PyTorch backend takes the codes as they are, the scale in the model dtype
+    "int4_awq": Storage(_algo("int4_awq"), "int4_awq", (
         TensorSpec("weight", "codes", UINT8, PACKED, packed=True),
         TensorSpec("weight_scale", "weight_scale", FP32, GROUPS),
         TensorSpec("pre_quant_scale", "pqs", None, ("in",), unfused_only=True),
     ), pre_quant_scale=True, **_HF_AWQ_FAMILY),
-    "w4a8_awq": Storage("W4A8_AWQ", "w4a8_awq", (
+    "w4a8_awq": Storage(_algo("w4a8_awq"), "w4a8_awq", (
         TensorSpec("weight", "codes", UINT8, PACKED, packed=True),
         TensorSpec("weight_scale", "weight_scale", FP32, GROUPS),
         TensorSpec("weight_scale_2", "weight_scale_2", FP32, ()),
@@ -210,7 +268,7 @@ HF: dict[str, Storage] = {
 }
 # GPTQ / RTN per-group INT4 go through W4A16_AWQ: TensorRT-LLM's PyTorch loader reads pre_quant_scale
 # on o_proj/down_proj unconditionally, so they carry ones there (and nothing to fold elsewhere).
-HF["int4_wo"] = HF["int4_gptq"] = Storage("W4A16_AWQ", "int4_wo", HF["int4_awq"].tensors, **_HF_AWQ_FAMILY)
+HF["int4_wo"] = HF["int4_gptq"] = Storage(_algo("int4_wo"), "int4_wo", HF["int4_awq"].tensors, **_HF_AWQ_FAMILY)
 
 HF_KV_SCALES = ("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale")  # shape (), float32
 HF_KV_ALGOS = ("FP8",)  # vLLM's ModelOpt loader: FP8 (and NVFP4) KV caches only
@@ -227,6 +285,10 @@ BUILD_OPTIONS: dict[str, dict] = {
     "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": {"gemm_plugin": "auto"},
     "W8A8_SQ_PER_CHANNEL": {"gemm_plugin": "auto"},
     "MIXED_PRECISION": {"gemm_plugin": "auto"},
+    # quantization/layers.py FP4Linear: the FP4 GEMM runs only with gemm_plugin nvfp4 (else it dequantizes to fp16).
+    "NVFP4": {"gemm_plugin": "nvfp4"},
+    "NVFP4_AWQ": {"gemm_plugin": "nvfp4"},
+    "W4A8_NVFP4_FP8": {"gemm_plugin": "auto"},
 }
 
 
@@ -240,7 +302,7 @@ class Dims:
     values: dict = field(init=False)
 
     def __post_init__(self):
-        self.values = {"out": self.out, "in": self.inp, "out/2": self.out // 2, "1": 1}
+        self.values = {"out": self.out, "in": self.inp, "out/2": self.out // 2, "in/2": self.inp // 2, "1": 1}
         if self.group:
             self.values["in/g"] = self.inp // self.group
 
@@ -261,4 +323,6 @@ def trtllm_layer_config(storage: Storage, group_size: int | None) -> dict:
     entry = {"quant_algo": storage.quant_algo}
     if storage.grouped:
         entry.update(group_size=group_size, has_zero_point=False, pre_quant_scale=storage.pre_quant_scale)
+    elif storage.block_config is not None:
+        entry.update(group_size=group_size, **dict(storage.block_config))
     return entry

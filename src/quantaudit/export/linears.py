@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..quant.weightonly import load_source
 from .layout import Storage, TensorSpec
-from .packing import pack_int4
+from .packing import PACKINGS
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -118,7 +119,7 @@ def _weight_scale(part: Part, shape: tuple[str, ...]) -> torch.Tensor:
 # role -> (per_part, value): per_part roles give one tensor per HF part (concatenated on ``out``).
 PER_PART_ROLES = {
     "codes": lambda p, shape: p.record.codes,
-    "dequantized": lambda p, shape: p.record.dequantized_weight(),
+    "load_source": lambda p, shape: load_source(p.record.codes, p.record.weight_scale),
     "weight_scale": _weight_scale,
     "float_weight": lambda p, shape: p.module.weight.detach().float(),
 }
@@ -152,7 +153,7 @@ def out_axis(spec: TensorSpec) -> int:
 def encode(t: torch.Tensor, spec: TensorSpec, ckpt_dtype: torch.dtype) -> torch.Tensor:
     """Codes packed two per byte where the layout says so; then the stored dtype."""
     if spec.packed:
-        t = pack_int4(t)
+        t = PACKINGS[spec.pack_axis][0](t)
         return t.view(spec.dtype) if spec.dtype == torch.int8 else t
     return t.to(spec.dtype or ckpt_dtype).contiguous().clone()  # owns its memory: safetensors refuses shared storage
 

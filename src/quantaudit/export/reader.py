@@ -3,7 +3,7 @@
 :func:`load_trtllm_checkpoint` and :func:`load_hf_checkpoint` rebuild a Hugging Face
 ``LlamaForCausalLM`` from the checkpoint files alone (config + safetensors; nothing from the
 quantized model): ranks are reassembled, the qkv rows are split back into Q, K and V (per rank, by
-heads), INT4 bytes unpacked, and every quantized linear becomes a
+heads), INT4 and FP4 bytes unpacked, and every quantized linear becomes a
 :class:`~quantaudit.quant.qlinear.QuantLinear` computing ``quant_act(x * pre_quant_scale) @
 (codes * scale).T`` with the stored codes and scales. The TensorRT-LLM layout is interpreted from
 its ``quant_algo`` through :mod:`quantaudit.export.layout`, the same table the exporter writes from.
@@ -11,8 +11,9 @@ its ``quant_algo`` through :mod:`quantaudit.export.layout`, the same table the e
 What the guarantee covers: the rebuilt model computes what the checkpoint *defines* (for W4A8 the
 FP8 conversion of codes * scale with ``weights_scaling_factor_2``, as the kernel does), including the
 conversions TensorRT-LLM's loader applies to stored values - per-group scales cast to the checkpoint
-dtype, W8A16 weights re-quantized by TensorRT-LLM's ``symmetric_quantize`` (per rank, as each rank
-loads its shard), one KV-cache scale max(K, V) per layer in the legacy checkpoint. It does not emulate
+dtype, W8A16 weights quantized by TensorRT-LLM's ``symmetric_quantize`` (per rank, as each rank
+loads its shard; :mod:`quantaudit.quant.weightonly`), one KV-cache scale per layer in the legacy
+checkpoint (``kv_cache_scaling_factor``, for K and V). It does not emulate
 kernel arithmetic (fp16/bf16 activations and accumulation, W4A8's float16 ratio of the two weight scales),
 so it proves the files hold the audited numbers, not that a GPU engine reproduces them bit for bit.
 Non-quantized tensors come back as stored: exported in float16 they are the float16-rounded values.
@@ -32,24 +33,11 @@ from ..errors import UserError
 from ..quant.formats import KV_CACHE_FORMATS, get_format
 from ..quant.kvcache import install_kv_quantizers
 from ..quant.qlinear import QuantizedWeight, QuantLinear
+from ..quant.weightonly import trtllm_weight_only_quantize
 from .layout import (DECODER_NORMS, DECODER_SLOTS, DTYPES, HF, HF_KV_SCALES, KV_CACHE_SCALE, LM_HEAD_SLOT, TOP_TENSORS,
                      TRTLLM, Slot, Storage, split_axis)
 from .linears import PLAIN
-from .packing import unpack_int4, unshard
-
-TRTLLM_W8A16_RANGE = 128.0  # cutlass_preprocessors.cpp: quant_range_scale = 1 / 2^(bits-1)
-
-
-def trtllm_weight_only_quantize(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """What TensorRT-LLM does to a W8A16 weight [out, in] when it loads it (``symmetric_quantize`` in
-    ``cutlass_preprocessors.cpp``): per output channel scale = max|w| / 128 (kept in ``dtype``),
-    codes = round-half-away(w / scale) clamped to [-128, 127] with the float32 scale."""
-    w = w.float()
-    scale = w.abs().amax(dim=1, keepdim=True) * (1.0 / TRTLLM_W8A16_RANGE)
-    q = w / torch.where(scale == 0, torch.ones_like(scale), scale)
-    codes = (torch.sign(q) * torch.floor(q.abs() + 0.5)).clamp(-128, 127)
-    return torch.where(scale == 0, torch.zeros_like(codes), codes).to(torch.int8), scale.to(dtype).float()
-
+from .packing import PACKINGS, unshard
 
 def _storage_for_algo(table: dict[str, Storage], entry: dict) -> Storage:
     algo = entry.get("quant_algo")
@@ -78,7 +66,7 @@ def _check_loaded(model: nn.Module, loaded: set[str]) -> None:
 
 def _decode(storage: Storage, full: dict[str, torch.Tensor], dims: tuple[int, int], group: int | None,
             dtype: torch.dtype, w8a16: tuple | None = None) -> nn.Module:
-    """One HF linear from its full tensors (keyed by suffix; INT4 codes already unpacked)."""
+    """One HF linear from its full tensors (keyed by suffix; INT4/FP4 codes already unpacked)."""
     out_f, in_f = dims
     if storage is PLAIN:
         linear = nn.Linear(in_f, out_f, bias=False, device="meta")
@@ -89,23 +77,24 @@ def _decode(storage: Storage, full: dict[str, torch.Tensor], dims: tuple[int, in
     act_scale = pqs = scale_2 = None
     for spec in storage.tensors:
         t = full.get(spec.suffix)
-        if t is None or spec.role in ("one", "dequantized"):
+        if t is None or spec.role in ("one", "load_source"):
             continue
         if spec.role == "weight_scale_2":
             scale_2 = t.float().reshape(())
         elif spec.role == "codes":
             codes = t
         elif spec.role == "weight_scale":
-            t = (t.to(dtype) if storage.scale_in_model_dtype else t).float()
-            scale = {"tensor": lambda: t.reshape(()), "channel": lambda: t.reshape(-1, 1),
-                     "group": lambda: t.reshape(out_f, -1)}[fmt.weight.granularity]()
+            t = t.to(dtype) if storage.scale_in_model_dtype else t
+            scale = {"tensor": lambda: t.float().reshape(()), "channel": lambda: t.float().reshape(-1, 1),
+                     "group": lambda: t.float().reshape(out_f, -1),
+                     "block": lambda: t.reshape(out_f, -1)}[fmt.weight.granularity]()  # E4M3 block scales stay E4M3
         elif spec.role == "act_scale":
             act_scale = t.float().reshape(())
         elif spec.role == "pqs":
             pqs = t.float().reshape(-1)
         elif spec.role == "smoother":
             pqs = 1.0 / t.float().reshape(-1)
-    group = group if fmt.weight.granularity == "group" else w8a16_group
+    group = group if fmt.weight.granularity in ("group", "block") else w8a16_group
     requant = fmt.weight.requant if scale_2 is not None else None
     return QuantLinear(QuantizedWeight(codes, scale, group, requant, scale_2), fmt, None, act_scale, pqs)
 
@@ -151,9 +140,9 @@ def _unshard_slot(per_rank: list[torch.Tensor], axis: int | None, part_sizes: li
 def _w8a16(per_rank: list[torch.Tensor], parallel: str, dtype: torch.dtype, part_sizes: list[int]):
     """TensorRT-LLM's load-time quantization of each rank's shard, reassembled (row-parallel shards
     have their own per-channel scales: a per-group scale with one group per rank)."""
-    quantized = [trtllm_weight_only_quantize(t, dtype) for t in per_rank]
+    quantized = [trtllm_weight_only_quantize(t) for t in per_rank]
     codes = [c for c, _ in quantized]
-    scales = [s for _, s in quantized]
+    scales = [s.to(dtype).float() for _, s in quantized]  # the kernel's scale is in the checkpoint dtype
     if parallel == "column":
         return _unshard_slot(codes, 0, part_sizes), _unshard_slot(scales, 0, part_sizes), None
     in_f = sum(c.shape[1] for c in codes)
@@ -172,11 +161,11 @@ def _read_slot(ranks: _Ranks, name: str, slot: Slot, storage: Storage, modules: 
             if spec.row_only and slot.parallel != "row":
                 continue
             raise UserError(f"checkpoint lacks {name}.{spec.suffix}, which {storage.quant_algo or 'an unquantized linear'} needs")
-        if spec.role == "dequantized":
+        if spec.role == "load_source":
             w8a16 = _w8a16(per_rank, slot.parallel, dtype, part_sizes)
             continue
         if spec.packed:
-            per_rank = [unpack_int4(t) for t in per_rank]
+            per_rank = [PACKINGS[spec.pack_axis][1](t) for t in per_rank]
         axis = split_axis(spec.shape, slot.parallel)
         full[spec.suffix] = _unshard_slot(per_rank, axis, part_sizes if slot.parallel == "column" else [1])
     modules_out = []
@@ -239,7 +228,7 @@ def load_trtllm_checkpoint(path: str | Path) -> nn.Module:
     model.load_state_dict(state, strict=False)
     loaded = set(state)
     kv = [ranks.get(f"transformer.layers.{i}.{KV_CACHE_SCALE}") for i in range(cfg["num_hidden_layers"])]
-    _install_kv(model, quant.get("kv_cache_quant_algo"), [(s[0], s[0]) for s in kv if s is not None])  # before the linears lose their parameters
+    _install_kv(model, quant.get("kv_cache_quant_algo"), [(s[0], s[0]) for s in kv if s is not None])
     slots = [(f"transformer.layers.{i}.{s.name}", f"model.layers.{i}.", s)
              for i in range(cfg["num_hidden_layers"]) for s in DECODER_SLOTS] + [("lm_head", "", LM_HEAD_SLOT)]
     for name, hf_prefix, slot in slots:
@@ -272,7 +261,7 @@ def load_hf_checkpoint(path: str | Path) -> nn.Module:
     model = _llama(keep)
     scales = [(tensors[f"model.layers.{i}.{HF_KV_SCALES[0]}"], tensors[f"model.layers.{i}.{HF_KV_SCALES[1]}"])
               for i in range(cfg["num_hidden_layers"]) if f"model.layers.{i}.{HF_KV_SCALES[0]}" in tensors]
-    _install_kv(model, quant.get("kv_cache_quant_algo"), scales)  # before the linears lose their parameters
+    _install_kv(model, quant.get("kv_cache_quant_algo"), scales)
     storage = _storage_for_algo(HF, quant)
     excluded = quant.get("exclude_modules") or []
     loaded: set[str] = set()
@@ -283,7 +272,7 @@ def load_hf_checkpoint(path: str | Path) -> nn.Module:
             continue  # tied to the embedding
         quantized = f"{name}.weight_scale" in tensors and not any(fnmatch.fnmatchcase(name, p) for p in excluded)
         use = storage if quantized else PLAIN
-        own = {s.suffix: unpack_int4(tensors[f"{name}.{s.suffix}"]) if s.packed else tensors[f"{name}.{s.suffix}"]
+        own = {s.suffix: PACKINGS[s.pack_axis][1](tensors[f"{name}.{s.suffix}"]) if s.packed else tensors[f"{name}.{s.suffix}"]
                for s in use.tensors if f"{name}.{s.suffix}" in tensors}
         new = _decode(use, own, (module.out_features, module.in_features), quant.get("group_size"), dtype)
         model.set_submodule(name, new)

@@ -23,13 +23,12 @@ import torch
 
 from .. import __version__
 from ..errors import UserError
-from ..quant.formats import get_kv_cache_format
+from ..quant.formats import get_format, get_kv_cache_format
+from ..quant.weightonly import trtllm_weight_only_quantize
 from .layout import (DECODER_NORMS, DECODER_SLOTS, DTYPES, KV_CACHE_SCALE, KV_SEPARATE_SCALES, LM_HEAD_SLOT, TOP_TENSORS,
-                     TRTLLM, Dims, Slot, Storage, split_axis, trtllm_layer_config)
+                     TRTLLM, TRTLLM_REFUSED, Dims, Slot, Storage, split_axis, trtllm_layer_config)
 from .linears import PLAIN, ModelFacts, Part, common_format, encode, model_facts, out_axis, parts_of, role_value
 from .packing import shard
-
-INT4_PAD_MULTIPLE = {"W4A16_AWQ": 64, "W4A8_AWQ": 128}  # WeightOnlyGroupwiseQuantLinear pads in/out to max(this, group) * tp
 
 
 @dataclass
@@ -61,7 +60,6 @@ class TrtllmCheckpoint:
     slots: list[PlacedSlot]
     notes: list[str] = field(default_factory=list)  # where what TensorRT-LLM runs differs from the audit
     warnings: list[str] = field(default_factory=list)  # what TensorRT-LLM may not load
-    build_flags: list[tuple[list[str], str]] = field(default_factory=list)  # trtllm-build flags it needs, and why
 
 
 def place_slots(qm, facts: ModelFacts) -> list[PlacedSlot]:
@@ -73,10 +71,17 @@ def place_slots(qm, facts: ModelFacts) -> list[PlacedSlot]:
             placed.append(PlacedSlot(name, slot, parts, *common_format(parts, name)))
     head = parts_of(qm, ["lm_head"])
     placed.append(PlacedSlot("lm_head", LM_HEAD_SLOT, head, *common_format(head, "lm_head")))
-    for p in placed:
-        if p.format and p.format not in TRTLLM:
-            raise UserError(f"format {p.format} has no TensorRT-LLM checkpoint layout")
+    check_trtllm_formats({p.format for p in placed if p.format})
     return placed
+
+
+def check_trtllm_formats(formats: set[str]) -> None:
+    """Every format has a TensorRT-LLM checkpoint layout; else a UserError saying why not (checked before quantizing)."""
+    for fmt in sorted(formats - {"none"}):
+        if fmt in TRTLLM_REFUSED:
+            raise UserError(f"{fmt} cannot be exported as a TensorRT-LLM checkpoint: {TRTLLM_REFUSED[fmt]}")
+        if fmt not in TRTLLM:
+            raise UserError(f"format {fmt} has no TensorRT-LLM checkpoint layout")
 
 
 def _check_blocks(placed: list[PlacedSlot]) -> None:
@@ -187,45 +192,74 @@ def _config(facts: ModelFacts, dtype_name: str, tp: int, quantization: dict) -> 
     }
 
 
-def _notes(qm, placed: list[PlacedSlot], dtype_name: str, tp: int) -> tuple[list[str], list[tuple[list[str], str]]]:
-    """Where what TensorRT-LLM loads or runs differs from the audited model, and build flags that avoid it."""
-    notes, flags = [], []
+def check_trtllm_kv(kv_cache: str, kv_scales: str) -> None:
+    """A TensorRT-LLM checkpoint holds one KV-cache scale per attention layer (checked before quantizing)."""
+    if get_kv_cache_format(kv_cache).kind and kv_scales != "shared":
+        raise UserError(f"--kv-scales {kv_scales}: a TensorRT-LLM checkpoint holds one KV-cache scale per attention "
+                        "layer (kv_cache_scaling_factor), so TensorRT-LLM would not run separate K and V scales; "
+                        "quantize with --kv-scales shared, or export --target hf")
+
+
+def _load_time_changes(placed: list[PlacedSlot], ranks: list[dict[str, torch.Tensor]], tp: int,
+                       dtype: torch.dtype) -> tuple[int, int]:
+    """(changed, all) weight rows of the layers TensorRT-LLM quantizes at load (W8A16) whose codes x scale its
+    load-time quantization of the written tensors - each rank's shard on its own, the scale in the checkpoint
+    dtype - does not give back as audited. Checked, not assumed: with --tp a row-parallel shard gets its own
+    per-channel scale, and a float16 scale cannot hold every channel scale below 2^-14 (its subnormals)."""
+    changed = total = 0
+    for p in placed:
+        if not (p.format and get_format(p.format).weight.quantized_at_load):
+            continue
+        audited = [part.record.dequantized_weight() for part in p.parts]
+        for r in range(tp):
+            expected = (torch.cat([shard(a, 0, tp, r) for a in audited]) if p.slot.parallel == "column"
+                        else shard(torch.cat(audited), 1, tp, r))
+            codes, scale = trtllm_weight_only_quantize(ranks[r][f"{p.name}.weight"])
+            loaded = codes.float() * scale.to(dtype).float()
+            changed += int((loaded != expected).any(dim=1).sum())
+            total += expected.shape[0]
+    return changed, total
+
+
+def _notes(placed: list[PlacedSlot], ranks: list[dict[str, torch.Tensor]], dtype_name: str, tp: int) -> list[str]:
+    """Where what TensorRT-LLM loads or runs differs from the audited model."""
+    notes = []
     used = {p.storage.quant_algo: p.storage for p in placed if p.format}
-    notes += [f"{algo}: {s.reload}" for algo, s in used.items() if s.reload]
     if dtype_name != "float32":
         notes.append(f"embeddings, norms, unquantized linears and pre-quant scales are stored in {dtype_name} "
                      "(the audit computed with their float32 values)")
-    if dtype_name == "bfloat16" and any(p.group_size for p in placed):
+    if dtype_name == "bfloat16" and any(p.group_size and p.storage.scale_in_model_dtype for p in placed):
         notes.append("TensorRT-LLM casts INT4 group scales to bfloat16; the audited scales are float16 values")
     if "W4A8_AWQ" in used:
         notes.append("W4A8_AWQ: TensorRT-LLM's loader stores weights_scaling_factor / weights_scaling_factor_2 in float16 "
                      "for the kernel (up to 2^-11 relative per group scale); the audit used the float32 ratio")
-    fc_gate = [(a, b) for a, b in zip(placed, placed[1:]) if a.slot.name == "mlp.fc" and b.slot.name == "mlp.gate"]
-    if any(a.format == b.format == "fp8" and not torch.equal(a.parts[0].record.weight_scale, b.parts[0].record.weight_scale)
-           for a, b in fc_gate):
-        flags.append((["--use_fused_mlp", "disable"], "FP8 gate/up have separate weight scales; trtllm-build's fused "
-                      "gate MLP would re-quantize both to the larger one"))
-    differ = [i for i, s in qm.kv_scales.items() if not torch.equal(s.k_scale, s.v_scale)]
-    if differ:
-        ratio = max(max(s.k_scale, s.v_scale) / min(s.k_scale, s.v_scale) for s in qm.kv_scales.values()).item()
-        notes.append(f"KV cache: TensorRT-LLM uses one scale per layer, max(K, V) (kv_cache_scaling_factor); the audit "
-                     f"used separate K and V scales, in {len(differ)} of {len(qm.kv_scales)} layers different (up to "
-                     f"{ratio:.1f}x): the smaller of K/V is stored on a coarser grid than audited")
-    return notes, flags
+    changed, rows = _load_time_changes(placed, ranks, tp, DTYPES[dtype_name])
+    if changed:
+        notes.append(f"W8A16: TensorRT-LLM's load-time quantization of the written weights changes {changed} of {rows} "
+                     "weight rows from the audited codes x scales" + (
+                         f" (with --tp {tp} each rank's shard of attention.dense / mlp.proj gets its own per-channel "
+                         "scale)" if tp > 1 else ""))
+    return notes
 
 
 def _warnings(placed: list[PlacedSlot], tp: int) -> list[str]:
     """Loadability caveats: TensorRT-LLM's groupwise INT4 layers pad in/out features to a multiple of
-    max(64, group) * tp (128 for W4A8) and then require checkpoint tensors of the padded shape; ModelOpt
-    writes them unpadded, as we do, so such layers do not load into trtllm-build."""
+    max(``WeightQuant.pad_multiple``, group) * tp (64; 128 for W4A8: ``quantization/layers.py``
+    ``WeightOnlyGroupwiseQuantLinear``) and then require checkpoint tensors of the padded shape
+    (``Parameter.value`` asserts the shape; ``postprocess_weight_only_groupwise`` raises "Auto-padding is not
+    Implemented for ModelOpt HF-AWQ"). ModelOpt writes them unpadded, as we do. The engine already picks a
+    group size that avoids the padding where one exists (``engine._group_size_for``); what remains are sizes
+    no group size helps (SmolLM2's 576 under W4A8's 128, stories260K's 172 outputs) and uneven --tp splits.
+    Formats TensorRT-LLM's engine loader does not read at all carry their layout's ``caveat``."""
     odd = []
     for p in placed:
-        multiple = INT4_PAD_MULTIPLE.get(p.storage.quant_algo)
+        multiple = get_format(p.format).weight.pad_multiple if p.format else None
         if multiple and any(n % (max(multiple, p.group_size) * tp) for n in (p.dims().out, p.dims().inp)):
             odd.append(f"{p.name} ({p.dims().out}x{p.dims().inp}, multiple {max(multiple, p.group_size) * tp})")
+    caveats = list(dict.fromkeys(f"{p.storage.quant_algo}: {p.storage.caveat}" for p in placed if p.format and p.storage.caveat))
     if not odd:
-        return []
-    return [f"{len(odd)} INT4 linears have sizes TensorRT-LLM's groupwise layer pads (it then expects padded "
+        return caveats
+    return caveats + [f"{len(odd)} INT4 linears have sizes TensorRT-LLM's groupwise layer pads (it then expects padded "
             f"checkpoint tensors; this checkpoint, like ModelOpt's, is unpadded), e.g. {odd[0]}: trtllm-build is "
             "expected to reject them"]
 
@@ -239,6 +273,7 @@ def build_trtllm(qm, base_config, dtype: str = "float16", tp: int = 1) -> Trtllm
     placed = place_slots(qm, facts)
     _check_blocks(placed)
     _check_groups(placed, tp)
+    check_trtllm_kv(qm.spec.kv_cache, qm.spec.kv_scales)
     kv_algo = get_kv_cache_format(qm.spec.kv_cache).trtllm_kv_cache_quant_algo
     quantization, quant_cfg = _quantization(placed, kv_algo)
 
@@ -266,11 +301,11 @@ def build_trtllm(qm, base_config, dtype: str = "float16", tp: int = 1) -> Trtllm
             fed = [p for p in by_layer[prefix] if p.slot.norm == trt_norm and p.format]
             for spec in {s.suffix: s for p in fed for s in p.storage.norm_tensors}.values():
                 put(f"{prefix}.{trt_norm}.{spec.suffix}", replicated(torch.ones(1, dtype=spec.dtype)))
-        if i in qm.kv_scales:
+        if i in qm.kv_scales:  # shared: k_scale == v_scale, the one scale TensorRT-LLM runs (check_trtllm_kv)
             k, v = qm.kv_scales[i].k_scale.float().reshape(1), qm.kv_scales[i].v_scale.float().reshape(1)
-            put(f"{prefix}.{KV_CACHE_SCALE}", replicated(torch.maximum(k, v)))
+            put(f"{prefix}.{KV_CACHE_SCALE}", replicated(k.clone()))  # its own storage: safetensors refuses sharing
             for suffix, value in zip(KV_SEPARATE_SCALES, (k, v)):
                 put(f"{prefix}.{suffix}", replicated(value))
-    notes, flags = _notes(qm, placed, dtype, tp)
     config = _config(facts, dtype, tp, quantization)
-    return TrtllmCheckpoint(config, quant_cfg, ranks, placed, notes=notes, build_flags=flags, warnings=_warnings(placed, tp))
+    return TrtllmCheckpoint(config, quant_cfg, ranks, placed, notes=_notes(placed, ranks, dtype, tp),
+                            warnings=_warnings(placed, tp))

@@ -16,6 +16,8 @@ produces are calibrated that way here, which also takes one forward pass per lay
 * ``smoothquant``: :mod:`quantaudit.quant.smoothquant`, then RTN.
 * ``awq``: AWQ scale search, then per-group clip search, then RTN with the clipped amax
   (llm-awq ``auto_scale`` + ``auto_clip``; :mod:`quantaudit.quant.awq`).
+* ``awq_lite``: the AWQ scale search alone, then RTN (ModelOpt's ``awq_lite``, which
+  ``NVFP4_AWQ_LITE_CFG`` - ``--qformat nvfp4_awq`` - uses), the search rounding with the format itself.
 * ``gptq``: GPTQ on the layer's input Hessian (:mod:`quantaudit.quant.gptq`).
 """
 
@@ -41,7 +43,7 @@ class GroupJob:
     names: list[str]
     linears: list[nn.Linear]
     group_size: int | None  # the group size used (None unless the format is per group)
-    fused: bool  # TensorRT-LLM fuses them into one GEMM: share a per-tensor weight scale
+    fused: bool  # TensorRT-LLM runs them as one GEMM: they share per-tensor scales (engine._run_jobs)
     stats: InputStats | None
     norm: nn.Module | None = None  # set when the job covers the whole group and a norm feeds it
     norm_name: str | None = None
@@ -59,13 +61,25 @@ def _weights(job: GroupJob) -> list[torch.Tensor]:
     return [linear.weight.detach().float() for linear in job.linears]
 
 
+def _shared_global_amax(job: GroupJob, weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """A fused group's one global amax for two-level block formats: TensorRT-LLM's qkv FP4 linear holds one
+    ``weights_scaling_factor_2`` (ModelOpt's export takes the max over q, k, v: ``preprocess_linear_fusion``)."""
+    block = job.fmt.weight.block
+    if not (job.fused and block is not None and block.global_max):
+        return None
+    return torch.stack([w.abs().amax() for w in weights]).amax()
+
+
 def _round_to_nearest(job: GroupJob, weights: list[torch.Tensor]) -> list[QuantizedWeight]:
-    """RTN of each weight; a fused group with per-tensor scales shares the largest amax (TensorRT-LLM's qkv)."""
+    """RTN of each weight; a fused group with per-tensor scales shares the largest amax (TensorRT-LLM's qkv
+    and gate/up GEMMs; ModelOpt ``preprocess_linear_fusion``), and so does the global scale of a two-level
+    block format."""
     wq = job.fmt.weight
     shared = None
     if job.fused and wq.granularity == "tensor":
         shared = torch.stack([weight_amax(w, wq) for w in weights]).amax()
-    return [quantize_weight(w, wq, job.group_size, shared) for w in weights]
+    global_amax = _shared_global_amax(job, weights)
+    return [quantize_weight(w, wq, job.group_size, shared, global_amax) for w in weights]
 
 
 class RoundToNearest:
@@ -108,8 +122,19 @@ class SmoothQuant:
 AWQ_NO_CLIP = ("q_proj", "k_proj")
 
 
+def _search_quantizer(job: GroupJob):
+    """Block formats: the AWQ search rounds with the format itself (None: awq's own INT group RTN)."""
+    wq = job.fmt.weight
+    return None if wq.block is None else lambda w: quantize_weight(w, wq).dequantize()
+
+
 class AWQ:
+    """``clip=False`` is ModelOpt's awq_lite (scale search only)."""
+
     sequential = False
+
+    def __init__(self, clip: bool = True):
+        self.clip = clip
 
     def needs(self, spec) -> set[str]:
         return {"inputs"}
@@ -118,18 +143,20 @@ class AWQ:
         wq, opts = job.fmt.weight, job.spec.awq
         x = job.stats.inputs()
         weights = _weights(job)
-        s = awq.search_scale(x, weights, bits=wq.bits, group_size=job.group_size, n_grid=opts.n_grid)
+        s = awq.search_scale(x, weights, bits=wq.bits, group_size=job.group_size, n_grid=opts.n_grid,
+                             quantizer=_search_quantizer(job))
         xs = x / s
+        global_amax = _shared_global_amax(job, [w * s for w in weights])
         results = []
         for name, w in zip(job.names, weights):
             scaled = w * s
-            clip = not name.endswith(AWQ_NO_CLIP)
+            clip = self.clip and not name.endswith(AWQ_NO_CLIP)
             amax = (
                 awq.search_clip(xs, scaled, bits=wq.bits, group_size=job.group_size, n_grid=opts.n_grid, max_shrink=opts.max_shrink)
                 if clip
                 else None
             )
-            qw = quantize_weight(scaled, wq, job.group_size, amax)
+            qw = quantize_weight(scaled, wq, job.group_size, amax, global_amax)
             results.append(LinearResult(qw, 1.0 / s, 1.0 / s, {"awq_tokens": x.shape[0], "clipped": clip}))
         return results
 
@@ -160,5 +187,6 @@ ALGORITHMS = {
     "rtn": RoundToNearest(),
     "smoothquant": SmoothQuant(),
     "awq": AWQ(),
+    "awq_lite": AWQ(clip=False),
     "gptq": GPTQ(),
 }

@@ -27,6 +27,8 @@ tokens in the clip search to bound memory; we need not).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from quantaudit.quant.numerics import fake_int, grouped, int_scale
@@ -44,6 +46,7 @@ def search_scale(
     bits: int = 4,
     group_size: int = 128,
     n_grid: int = 20,
+    quantizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Activation-aware scale ``s`` ``[in]`` (float32) for the linears ``weights`` sharing input ``x``.
 
@@ -52,7 +55,10 @@ def search_scale(
     of the concatenated outputs, ``||x W^T - (x / s) Q(W * s)^T||^2`` over all linears, with ``Q``
     symmetric group-wise round-to-nearest (``amax / qmax`` per group of ``group_size``). Ties keep
     the earlier candidate, and the first is ``s = 1`` (plain RTN), so the result is never worse
-    than RTN on this objective.
+    than RTN on this objective. ``quantizer`` replaces ``Q`` (quantize-dequantize of the scaled,
+    concatenated weights) for other formats: NVFP4 AWQ passes NVFP4 rounding, as ModelOpt's awq_lite
+    searches with the layer's own weight quantizer; the concatenation then shares one NVFP4 global
+    scale, as q/k/v do in TensorRT-LLM (gate/up keep their own in the stored weights).
 
     Differs from ModelOpt ``awq_lite``, which searches each linear on its own output and, at
     TensorRT-LLM export, averages the ``pre_quant_scale`` of fused q/k/v or gate/up linears and
@@ -67,7 +73,7 @@ def search_scale(
         raise ValueError(f"weights have {w.shape[1]} input features, activations have {x.shape[1]}")
     gram = x.T @ x
     candidates = scale_candidates(x.abs().mean(dim=0), w, group_size=group_size, n_grid=n_grid)
-    losses = torch.stack([_output_error(w, s, gram, bits, group_size) for s in candidates])
+    losses = torch.stack([_output_error(w, s, gram, bits, group_size, quantizer) for s in candidates])
     return candidates[torch.argmin(losses)].clone()
 
 
@@ -155,10 +161,13 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 def _output_error(
-    w: torch.Tensor, s: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int
+    w: torch.Tensor, s: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, quantizer=None
 ) -> torch.Tensor:
-    """``||x W^T - (x / s) Q(W * s)^T||^2`` from ``gram = x^T x``, ``Q`` group-wise RTN."""
-    scaled = grouped(w * s, group_size)
-    quantized = fake_int(scaled, int_scale(scaled.abs().amax(dim=-1, keepdim=True), bits), bits)
-    delta = w - quantized.reshape(w.shape) / s
+    """``||x W^T - (x / s) Q(W * s)^T||^2`` from ``gram = x^T x``, ``Q`` group-wise RTN or ``quantizer``."""
+    if quantizer is None:
+        scaled = grouped(w * s, group_size)
+        quantized = fake_int(scaled, int_scale(scaled.abs().amax(dim=-1, keepdim=True), bits), bits).reshape(w.shape)
+    else:
+        quantized = quantizer(w * s)
+    delta = w - quantized / s
     return ((delta @ gram) * delta).sum()

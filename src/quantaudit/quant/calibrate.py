@@ -32,14 +32,16 @@ class LinearGroup:
 
     linears: tuple[str, ...]
     norm: str | None
-    fused: bool = False  # TensorRT-LLM runs them as one GEMM (qkv): per-tensor scales are shared
+    # TensorRT-LLM runs them as one GEMM (qkv; gate/up in its fused gated MLP and PyTorch backend): one
+    # activation scale and one per-tensor weight scale for all of them (quant.algorithms)
+    fused: bool = False
 
 
 # Paths relative to a decoder layer (HF llama family: Llama, Mistral, Qwen2, SmolLM2, ...).
 DECODER_GROUPS = (
     LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm", fused=True),
     LinearGroup(("self_attn.o_proj",), None),
-    LinearGroup(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+    LinearGroup(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", fused=True),
     LinearGroup(("mlp.down_proj",), None),
 )
 # Relative to the causal-LM module.

@@ -9,7 +9,14 @@ excluded by default (ModelOpt's default disabled ``*lm_head*``; ``include_lm_hea
 it, untying it from the embedding first); embeddings and norms are never quantized. ``exclude``
 takes fnmatch patterns on module names (``model.layers.0.mlp.down_proj``). Per-group formats use
 ``group_size`` (TensorRT-LLM supports 128 and 64); a layer whose input size it does not divide
-falls back to 64, and a layer neither divides stays unquantized with the reason recorded.
+falls back to 64, and a layer neither divides stays unquantized with the reason recorded. 64 is also
+used where 128 would make TensorRT-LLM's groupwise INT4 layer pad the GEMM (in or out features not a
+multiple of max(64, group), 128 for W4A8: ``WeightOnlyGroupwiseQuantLinear``), because it then cannot
+load the checkpoint's unpadded tensors (SmolLM2's down_proj: 576 outputs). Block formats
+use their own block (``BlockScale.size``: 16 for NVFP4, 32 for W4A8_NVFP4_FP8 and MX); a layer whose
+input size it does not divide stays unquantized with the reason recorded too: ModelOpt would pad the
+input dimension to whole blocks when exporting (``reduce_block_padding``), but TensorRT-LLM's FP4
+linears assert ``in_features % 16 == 0``, so such a layer could not be deployed as audited.
 """
 
 from __future__ import annotations
@@ -28,10 +35,9 @@ from ..errors import UserError
 from ..progress import track
 from .algorithms import ALGORITHMS, GroupJob
 from .calibrate import DECODER_GROUPS, LM_HEAD_GROUP, InputStats, LinearGroup, collect, decoder_layers, first_layer_inputs, propagate
-from .formats import QuantFormat, get_format, get_kv_cache_format
+from .formats import KV_SCALES, KVCacheFormat, QuantFormat, get_format, get_kv_cache_format
 from .kvcache import install_kv_quantizers
-from .numerics import quant_scale
-from .qlinear import QuantizedWeight, QuantLinear
+from .qlinear import QuantizedWeight, QuantLinear, activation_scale
 
 GROUP_SIZES = (128, 64)  # the INT4 group sizes TensorRT-LLM's kernels take
 UNQUANTIZED_BYTES = 2  # an unquantized weight is held in fp16/bf16 by the engine
@@ -59,7 +65,8 @@ class QuantSpec:
     """What to quantize and how; formats named as ModelOpt's ``--qformat``."""
 
     format: str = "int8_wo"
-    kv_cache: str = "none"  # "none" | "fp8" | "int8"
+    kv_cache: str = "none"  # "none" | "fp8" | "int8" | "nvfp4"
+    kv_scales: str = "shared"  # formats.KV_SCALES: one scale per layer for K and V (TensorRT-LLM) or separate
     group_size: int = 128
     exclude: tuple[str, ...] = ()
     include_lm_head: bool = False
@@ -87,7 +94,8 @@ class LayerRecord:
     weight_scale: torch.Tensor | None = None  # [] / [out, 1] float32, or [out, in // group] fp16
     weight_scale_2: torch.Tensor | None = None  # W4A8: per-tensor FP8 scale of codes * weight_scale
     requant: str | None = None  # kind of that second stage ("fp8"), see qlinear.QuantizedWeight
-    group_size: int | None = None  # the group size actually used
+    group_size: int | None = None  # the group size actually used (block formats: the block size)
+    block_rows: int = 1  # output rows sharing one scale (FP8 2-D blocks: 128)
     act_scale: torch.Tensor | None = None  # static activation scale (None: dynamic or no act quant)
     pre_quant_scale: torch.Tensor | None = None  # input multiplier before quantization
     bias: torch.Tensor | None = None
@@ -99,7 +107,8 @@ class LayerRecord:
         return self.codes is not None
 
     def dequantized_weight(self) -> torch.Tensor:
-        return QuantizedWeight(self.codes, self.weight_scale, self.group_size, self.requant, self.weight_scale_2).dequantize()
+        return QuantizedWeight(self.codes, self.weight_scale, self.group_size, self.requant, self.weight_scale_2,
+                               self.block_rows).dequantize()
 
     def storage_bytes(self) -> int:
         """Bytes in the engine: packed codes plus every stored scale; unquantized at 16 bit."""
@@ -112,7 +121,8 @@ class LayerRecord:
 
 @dataclass
 class KVScales:
-    """Per-layer KV-cache scales (key after RoPE) and the calibration maxima they came from."""
+    """Per-layer KV-cache scales (key after RoPE) and the calibration maxima they came from; with
+    ``QuantSpec.kv_scales == "shared"`` both scales are the one from max(k_amax, v_amax)."""
 
     format: str
     k_scale: torch.Tensor
@@ -150,8 +160,8 @@ class QuantizedModel:
         """KV-cache bytes per token over all layers (K and V); 16 bit without KV quantization."""
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        bits = get_kv_cache_format(self.spec.kv_cache).bits
-        return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * bits // 8
+        bits = get_kv_cache_format(self.spec.kv_cache).storage_bits  # NVFP4: 4 + 8 / 16 (its E4M3 block scales)
+        return int(cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * bits // 8)
 
     def fallbacks(self) -> dict[str, str]:
         """Layers left unquantized and why (for the report)."""
@@ -173,15 +183,51 @@ def _check_spec(spec: QuantSpec) -> None:
         raise UserError(f"SmoothQuant alpha must be in [0, 1] or 'search' (got {alpha!r})")
     if spec.calib_batch < 1:
         raise UserError(f"calibration batch must be at least 1 (got {spec.calib_batch})")
+    if spec.kv_scales not in KV_SCALES:
+        raise UserError(f"--kv-scales must be {' or '.join(KV_SCALES)} (got {spec.kv_scales!r})")
 
 
-def _group_size_for(in_features: int, requested: int) -> tuple[int | None, str | None]:
-    candidates = [g for g in (requested, *GROUP_SIZES) if g <= requested]
-    for g in dict.fromkeys(candidates):
-        if in_features % g == 0:
-            return g, None
-    tried = " or ".join(map(str, dict.fromkeys(candidates)))
-    return None, f"input size {in_features} is not a multiple of group size {tried}; kept unquantized (16-bit)"
+def _check_kv_cache(config, kv_format) -> None:
+    """A block-scaled KV cache (NVFP4: blocks of 16 along head_dim, ModelOpt NVFP4_KV_CFG) needs whole blocks per head."""
+    block = kv_format.block
+    if block is None:
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim % block.size:
+        raise UserError(f"KV cache {kv_format.name} quantizes blocks of {block.size} along head_dim, but this model's "
+                        f"head_dim is {head_dim}; use --kv-cache fp8, int8 or none")
+
+
+def _group_size_for(in_features: int, requested: int, out_features: tuple[int, ...] = (),
+                    pad_multiple: int | None = None) -> tuple[int | None, str | None]:
+    """``requested``, else 64, whichever divides the input size, preferring one TensorRT-LLM's groupwise INT4
+    layer does not pad: it pads in and out features (``out_features``: every linear of the GEMM) that are not
+    multiples of max(``pad_multiple``, group) and then cannot load the checkpoint's unpadded tensors."""
+    candidates = list(dict.fromkeys(g for g in (requested, *GROUP_SIZES) if g <= requested))
+    dividing = [g for g in candidates if in_features % g == 0]
+    if not dividing:
+        tried = " or ".join(map(str, candidates))
+        return None, f"input size {in_features} is not a multiple of group size {tried}; kept unquantized (16-bit)"
+    unpadded = [g for g in dividing if all(n % max(pad_multiple or 1, g) == 0 for n in (in_features, *out_features))]
+    return (unpadded or dividing)[0], None
+
+
+def _gemm_out_features(model: nn.Module, name: str) -> tuple[int, ...]:
+    """Output sizes of the linears TensorRT-LLM runs in one GEMM with ``name`` (q/k/v, gate/up; else itself)."""
+    for group in (g for g in DECODER_GROUPS if g.fused):
+        path = next((p for p in group.linears if name.endswith("." + p)), None)
+        if path is not None:
+            prefix = name[: -len(path)]
+            return tuple(model.get_submodule(prefix + p).out_features for p in group.linears)
+    return (model.get_submodule(name).out_features,)
+
+
+def _block_size_for(in_features: int, fmt: QuantFormat) -> tuple[int | None, str | None]:
+    block = fmt.weight.block
+    if block.partial or in_features % block.size == 0:
+        return block.size, None
+    return None, (f"input size {in_features} is not a multiple of the {fmt.name} block of {block.size} "
+                  "(TensorRT-LLM's FP4/MX linears need whole blocks); kept unquantized (16-bit)")
 
 
 def _assign(model: nn.Module, names: list[str], spec: QuantSpec) -> dict[str, _Assignment]:
@@ -205,7 +251,10 @@ def _assign(model: nn.Module, names: list[str], spec: QuantSpec) -> dict[str, _A
             raise UserError(f"plan quantizes {name} to {fmt.name}, but {reason.split(';')[0]}")
         group_size = None
         if reason is None and fmt.weight.granularity == "group":
-            group_size, reason = _group_size_for(linear.in_features, spec.group_size)
+            group_size, reason = _group_size_for(linear.in_features, spec.group_size, _gemm_out_features(model, name),
+                                                 fmt.weight.pad_multiple)
+        elif reason is None and fmt.weight.block is not None:
+            group_size, reason = _block_size_for(linear.in_features, fmt)
         out[name] = _Assignment(fmt, group_size, reason)
     return out
 
@@ -245,25 +294,41 @@ def _jobs(root: nn.Module, prefix: str, groups: tuple[LinearGroup, ...], assignm
     return stats, jobs
 
 
+def _act_amax(job, result) -> torch.Tensor:
+    amax = job.stats.amax if result.input_multiplier is None else job.stats.amax * result.input_multiplier
+    return amax.amax()
+
+
 def _run_jobs(root: nn.Module, jobs, records: dict[str, LayerRecord]) -> None:
+    """Run each job's algorithm and install the results.
+
+    A fused job (q/k/v, gate/up) gets what ModelOpt's export gives the linears TensorRT-LLM runs as one
+    GEMM (``quant_utils.preprocess_linear_fusion``: max of the input amaxes, max of the per-tensor weight
+    amax or of W4A8's FP8 second-stage amax, weights re-quantized with it; the per-tensor FP8 weight is
+    re-quantized inside :mod:`.algorithms`). TensorRT-LLM would otherwise unify them itself at load, changing
+    the numbers: ``models/modeling_utils.fuse_gate_mlp`` re-quantizes FP8 gate/up to the larger weight scale
+    and takes the larger activation scale, the PyTorch backend's ``FP8QDQLinearMethod.rescale_fused_weights``
+    does the same for q/k/v and gate/up, and its W4A8 / NVFP4 loaders require equal scales.
+    """
     for paths, job in jobs:
         results = ALGORITHMS[job.fmt.algorithm].run(job)
-        if job.fused and job.fmt.weight.requant is not None:  # one FP8 weight range for the fused qkv GEMM
+        if job.fused and job.fmt.weight.requant is not None:  # one FP8 weight range for the fused GEMM
             shared = torch.stack([r.qweight.scale_2 for r in results]).amax()
             for r in results:
                 r.qweight.scale_2 = shared
         act = job.fmt.act
-        for path, name, linear, result in zip(paths, job.names, job.linears, results):
-            act_scale = None
-            if act is not None and not act.dynamic:
-                amax = job.stats.amax if result.input_multiplier is None else job.stats.amax * result.input_multiplier
-                act_scale = quant_scale(act.kind, amax.amax(), act.bits)
+        static = act is not None and not act.dynamic
+        act_amax = [_act_amax(job, r) for r in results] if static else [None] * len(results)
+        if static and job.fused:
+            act_amax = [torch.stack(act_amax).amax()] * len(results)
+        for path, name, linear, result, amax in zip(paths, job.names, job.linears, results, act_amax):
+            act_scale = activation_scale(act, amax) if static else None
             module = QuantLinear(result.qweight, job.fmt, linear.bias, act_scale, result.pre_quant_scale)
             root.set_submodule(path, module)
             records[name] = LayerRecord(
                 name, job.fmt.name, module.in_features, module.out_features, bits=job.fmt.weight.bits,
                 codes=module.codes, weight_scale=module.weight_scale, weight_scale_2=module.weight_scale_2,
-                requant=module.requant, group_size=module.group_size,
+                requant=module.requant, group_size=module.group_size, block_rows=module.block_rows,
                 act_scale=module.act_scale, pre_quant_scale=module.pre_quant_scale, bias=module.bias,
                 details=result.details,
             )
@@ -290,29 +355,79 @@ def _calib_info(calib: Windows | None, used: bool) -> dict:
     }
 
 
+@dataclass
+class LayerPlan:
+    """What :func:`quantize` does to each linear, decided from shapes alone: a meta-device model will do,
+    which is how layer streaming (:mod:`quantaudit.stream`) plans a model it never holds whole."""
+
+    assignments: dict[str, _Assignment]  # every quantizable linear in model order, lm_head last
+    kv_format: KVCacheFormat
+    calibrating: bool  # a statistic or the KV cache needs calibration text
+    sequential: bool  # each layer calibrated on the quantized layers' outputs (quant.algorithms)
+
+    def fallback_records(self, model: nn.Module) -> dict[str, LayerRecord]:
+        """Records of the linears left unquantized, with the reason."""
+        out = {}
+        for name, a in self.assignments.items():
+            if a.reason is not None:
+                linear = model.get_submodule(name)
+                out[name] = LayerRecord(
+                    name, a.fmt.name, linear.in_features, linear.out_features, bias=linear.bias, fallback_reason=a.reason
+                )
+        return out
+
+
+def plan_layers(model: nn.Module, spec: QuantSpec, calib: Windows | None) -> LayerPlan:
+    """Check ``spec`` against ``model`` and decide every linear's format, group size or fallback."""
+    get_format(spec.format)
+    kv_format = get_kv_cache_format(spec.kv_cache)
+    _check_spec(spec)
+    _check_kv_cache(getattr(model, "config", None), kv_format)
+    n_layers = len(decoder_layers(model))
+    names = [f"model.layers.{i}.{p}" for i in range(n_layers) for g in DECODER_GROUPS for p in g.linears] + ["lm_head"]
+    assignments = _assign(model, names, spec)
+    quantized = [a.fmt for a in assignments.values() if a.reason is None]
+    calibrating = bool(kv_format.kind) or any(_needs(f, spec) for f in quantized)
+    if calibrating and (calib is None or calib.n == 0):
+        raise UserError(f"{spec.format} with KV cache {spec.kv_cache} needs calibration text; give --calib")
+    sequential = any(ALGORITHMS[f.algorithm].sequential for f in quantized)  # see quant.algorithms
+    return LayerPlan(assignments, kv_format, calibrating, sequential)
+
+
+def quantize_layer(layer: nn.Module, index: int, plan: LayerPlan, spec: QuantSpec, inputs, total_tokens: int,
+                   records: dict[str, LayerRecord], kv_quantizer=None, advance: bool = False) -> KVScales | None:
+    """One step of :func:`quantize`: calibrate decoder layer ``index`` on ``inputs`` (``calibrate.LayerInputs``;
+    None: nothing to calibrate), replace its linears by quantized ones and add their records. With ``advance``
+    the same pass replaces ``inputs`` by the layer's full-precision outputs (``calibrate.collect``). Returns the
+    KV-cache scales it calibrated, if any. Layer streaming runs this on one loaded layer at a time."""
+    stats, jobs = _jobs(layer, f"model.layers.{index}.", DECODER_GROUPS, plan.assignments, spec, total_tokens)
+    if inputs is not None and (stats or kv_quantizer is not None or advance):
+        collect(layer, stats, inputs, kv_quantizer, advance=advance)
+    kv = None
+    if kv_quantizer is not None:
+        kv_quantizer.finish_calibration()
+        kv = KVScales(plan.kv_format.name, kv_quantizer.k_scale, kv_quantizer.v_scale, kv_quantizer.k_amax,
+                      kv_quantizer.v_amax)
+    _run_jobs(layer, jobs, records)
+    return kv
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, spec: QuantSpec, calib: Windows | None, progress: bool = True) -> QuantizedModel:
     """Quantize a copy of ``model`` as ``spec`` says, calibrating layer by layer on ``calib``: each
     layer on the full-precision model's activations, or, when an algorithm is ``sequential``
     (GPTQ), on the outputs of the layers already quantized (:mod:`quantaudit.quant.algorithms`)."""
     started = time.perf_counter()
-    get_format(spec.format)
-    kv_format = get_kv_cache_format(spec.kv_cache)
-    _check_spec(spec)
-    n_layers = len(decoder_layers(model))
-    names = [f"model.layers.{i}.{p}" for i in range(n_layers) for g in DECODER_GROUPS for p in g.linears] + ["lm_head"]
-    assignments = _assign(model, names, spec)
+    plan = plan_layers(model, spec, calib)
+    assignments, calibrating, sequential = plan.assignments, plan.calibrating, plan.sequential
 
     qmodel = copy.deepcopy(model).eval()
     if assignments["lm_head"].reason is None:
         _untie_lm_head(qmodel)
     layers = qmodel.model.layers
-    kv_quantizers = install_kv_quantizers(qmodel, [l.self_attn for l in layers], kv_format) if kv_format.kind else None
-    quantized = [a.fmt for a in assignments.values() if a.reason is None]
-    calibrating = kv_quantizers is not None or any(_needs(f, spec) for f in quantized)
-    if calibrating and (calib is None or calib.n == 0):
-        raise UserError(f"{spec.format} with KV cache {spec.kv_cache} needs calibration text; give --calib")
-    sequential = any(ALGORITHMS[f.algorithm].sequential for f in quantized)  # see quant.algorithms
+    n_layers = len(layers)
+    attentions = [l.self_attn for l in layers]
+    kv_quantizers = install_kv_quantizers(qmodel, attentions, plan.kv_format, spec.kv_scales) if plan.kv_format.kind else None
     total_tokens = int(calib.lengths.sum()) if calib is not None else 0
     inputs = first_layer_inputs(qmodel, layers, calib.ids, calib.lengths, spec.calib_batch) if calibrating else None
 
@@ -321,16 +436,11 @@ def quantize(model: nn.Module, spec: QuantSpec, calib: Windows | None, progress:
     head_stats, head_jobs = _jobs(qmodel, "", (LM_HEAD_GROUP,), assignments, spec, total_tokens)
     steps = track(list(enumerate(layers)), f"quantizing to {spec.format}", total=n_layers) if progress else enumerate(layers)
     for i, layer in steps:
-        stats, jobs = _jobs(layer, f"model.layers.{i}.", DECODER_GROUPS, assignments, spec, total_tokens)
         more = i + 1 < n_layers or bool(head_stats)  # does anything after this layer need its outputs?
-        if calibrating:
-            kvq = kv_quantizers[i] if kv_quantizers else None
-            if stats or kvq is not None or (more and not sequential):
-                collect(layer, stats, inputs, kvq, advance=more and not sequential)
-            if kvq is not None:
-                kvq.finish_calibration()
-                kv_scales[i] = KVScales(kv_format.name, kvq.k_scale, kvq.v_scale, kvq.k_amax, kvq.v_amax)
-        _run_jobs(layer, jobs, records)
+        kvq = kv_quantizers[i] if kv_quantizers else None
+        kv = quantize_layer(layer, i, plan, spec, inputs, total_tokens, records, kvq, advance=more and not sequential)
+        if kv is not None:
+            kv_scales[i] = kv
         if calibrating and more and sequential:
             propagate(layer, inputs)
     for group_stats in head_stats.values():  # lm_head reads the final norm's output
@@ -338,11 +448,6 @@ def quantize(model: nn.Module, spec: QuantSpec, calib: Windows | None, progress:
             group_stats.add(qmodel.model.norm(hidden)[mask])
     _run_jobs(qmodel, head_jobs, records)
 
-    for name, a in assignments.items():
-        if a.reason is not None:
-            linear = qmodel.get_submodule(name)
-            records[name] = LayerRecord(
-                name, a.fmt.name, linear.in_features, linear.out_features, bias=linear.bias, fallback_reason=a.reason
-            )
-    records = {name: records[name] for name in names}
+    records.update(plan.fallback_records(qmodel))
+    records = {name: records[name] for name in assignments}
     return QuantizedModel(qmodel, spec, records, kv_scales, _calib_info(calib, calibrating), time.perf_counter() - started)

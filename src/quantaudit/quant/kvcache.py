@@ -9,16 +9,27 @@ attention module, then runs PyTorch SDPA like transformers' ``sdpa`` implementat
 whole cache at every step equals rounding each entry once when stored: with a fixed scale,
 re-quantizing a value on the grid returns it unchanged.
 
-Scales: separate K and V per-tensor scales per layer, ``amax / 448`` (FP8) or ``amax / 127``
-(INT8), from the calibration tokens (padding excluded) — ModelOpt's ``k_bmm_quantizer`` /
-``v_bmm_quantizer`` after RoPE. Differences from the references, deliberately: ModelOpt floors an
-FP8 KV scale at 1.0 ("recommended default"), which pushes small keys into FP8 subnormals; we use
-the calibrated ``amax / 448``. The legacy TensorRT-LLM checkpoint holds one
-``kv_cache_scaling_factor`` per layer for K and V together; an exporter writing that format
-must use ``max(k_scale, v_scale)``.
+Scales: per-tensor, per layer, ``amax / 448`` (FP8) or ``amax / 127`` (INT8), from the calibration
+tokens (padding excluded): ModelOpt's ``k_bmm_quantizer`` / ``v_bmm_quantizer`` after RoPE record max |K|
+and max |V| separately, and both are always kept. What the cache is rounded with (``formats.KV_SCALES``):
+
+* ``"shared"`` (default): one scale for K and V from max(K amax, V amax). That is what TensorRT-LLM's
+  engines run: a TensorRT-LLM checkpoint holds one ``kv_cache_scaling_factor`` per attention layer, and
+  ``models/modeling_utils.preprocess_weights`` (``process_kv_scaling_factor``) replaces separate
+  ``k_cache_scaling_factor`` / ``v_cache_scaling_factor`` by their max; ModelOpt's legacy export
+  (``get_kv_cache_scaling_factor``) takes the same max.
+* ``"separate"``: K and V each with their own scale, as Hugging Face / vLLM checkpoints carry them
+  (``k_proj.k_scale``, ``v_proj.v_scale``; vLLM's ``BaseKVCacheMethod`` uses them separately).
+
+NVFP4 (ModelOpt ``NVFP4_KV_CFG``): E2M1 in blocks of 16 along head_dim with dynamic E4M3 block scales
+under a per-layer global scale ``amax / (6 * 448)`` (the same amax calibration, shared or separate).
+Difference from the references, deliberately: ModelOpt floors an FP8 KV scale at 1.0 ("recommended
+default"), which pushes small keys into FP8 subnormals; we use the calibrated ``amax / 448``.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
@@ -26,8 +37,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .formats import KVCacheFormat
-from .numerics import fake_quant, quant_scale
+from .formats import KV_SCALES, KVCacheFormat
+from .numerics import calibrated_scale, fake_quant_static
 
 ATTN_IMPL = "quantaudit_kv_sdpa"
 
@@ -35,9 +46,12 @@ ATTN_IMPL = "quantaudit_kv_sdpa"
 class KVQuantizer(nn.Module):
     """Per-layer K and V rounding; in calibration mode it records max |K| and |V| instead."""
 
-    def __init__(self, fmt: KVCacheFormat):
+    def __init__(self, fmt: KVCacheFormat, scales: str = "shared"):
         super().__init__()
+        if scales not in KV_SCALES:
+            raise ValueError(f"KV scales must be one of {KV_SCALES} (got {scales!r})")
         self.fmt = fmt
+        self.scales = scales
         self.calibrating = False
         self.token_mask: torch.Tensor | None = None  # [batch, seq] real tokens, set by the calibration loop
         self.register_buffer("k_amax", torch.zeros(()))
@@ -53,15 +67,25 @@ class KVQuantizer(nn.Module):
             return key, value
         if self.k_scale is None:
             raise RuntimeError("KV quantizer used before calibration set its scales")
-        bits = self.fmt.bits
-        return fake_quant(self.fmt.kind, key, self.k_scale, bits), fake_quant(self.fmt.kind, value, self.v_scale, bits)
+        f = self.fmt
+        return (fake_quant_static(f.kind, f.bits, key, self.k_scale, f.block),
+                fake_quant_static(f.kind, f.bits, value, self.v_scale, f.block))
 
     def finish_calibration(self) -> None:
-        """Turn the recorded amax into scales and switch to quantizing."""
-        self.k_scale = quant_scale(self.fmt.kind, self.k_amax, self.fmt.bits)
-        self.v_scale = quant_scale(self.fmt.kind, self.v_amax, self.fmt.bits)
+        """Turn the recorded amax into scales (one from the larger of the two when shared) and switch to quantizing."""
+        both = torch.maximum(self.k_amax, self.v_amax)
+        k_amax, v_amax = (both, both) if self.scales == "shared" else (self.k_amax, self.v_amax)
+        self.k_scale = calibrated_scale(self.fmt.kind, self.fmt.bits, k_amax, self.fmt.block)
+        self.v_scale = calibrated_scale(self.fmt.kind, self.fmt.bits, v_amax, self.fmt.block)
         self.calibrating = False
         self.token_mask = None
+
+
+def _device(*modules: nn.Module) -> torch.device:
+    """Where the first of ``modules`` holding a tensor keeps it: parameters or buffers (a QuantLinear
+    holds only buffers, so an attention whose linears are all quantized has no parameter)."""
+    tensors = (t for m in modules for t in itertools.chain(m.parameters(), m.buffers()))
+    return next((t.device for t in tensors), torch.device("cpu"))
 
 
 def _masked_amax(states: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -83,12 +107,13 @@ AttentionInterface.register(ATTN_IMPL, kv_quant_sdpa_forward)
 AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
 
 
-def install_kv_quantizers(model: nn.Module, attentions: list[nn.Module], fmt: KVCacheFormat) -> list[KVQuantizer]:
+def install_kv_quantizers(model: nn.Module, attentions: list[nn.Module], fmt: KVCacheFormat,
+                          scales: str = "shared") -> list[KVQuantizer]:
     """Attach a calibrating :class:`KVQuantizer` to each attention module and switch ``model`` to
     :data:`ATTN_IMPL` (whatever attention it used before: the wrapper runs SDPA)."""
     quantizers = []
     for attention in attentions:
-        attention.kv_quantizer = KVQuantizer(fmt).to(next(attention.parameters()).device)
+        attention.kv_quantizer = KVQuantizer(fmt, scales).to(_device(attention, model))
         attention.kv_quantizer.calibrating = True
         quantizers.append(attention.kv_quantizer)
     model.set_attn_implementation(ATTN_IMPL)

@@ -7,9 +7,22 @@ from rich.table import Table
 from ..quant.formats import FORMATS
 
 
+_KIND_LABEL = {"int": lambda q: f"int{q.bits}", "fp8": lambda q: "fp8", "fp4": lambda q: "fp4 e2m1"}
+_BLOCK_SCALE_LABEL = {"e4m3": "e4m3 scale x fp32 global", "e8m0": "e8m0 scale", "fp32": "fp32 scale"}
+
+
 def dtype_label(q) -> str:
-    """'fp8' or 'int4' for a WeightQuant/ActQuant."""
-    return "fp8" if q.kind == "fp8" else f"int{q.bits}"
+    """'fp8', 'int4' or 'fp4 e2m1' for a WeightQuant/ActQuant."""
+    return _KIND_LABEL[q.kind](q)
+
+
+def granularity_label(q) -> str:
+    """'per channel', or for block formats 'per block of 16 (e4m3 scale x fp32 global)'."""
+    b = q.block
+    if b is None:
+        return f"per {q.granularity}"
+    size = f"{b.rows}x{b.size}" if b.rows > 1 else str(b.size)
+    return f"per block of {size} ({_BLOCK_SCALE_LABEL[b.scale]})"
 
 
 def formats_table() -> Table:
@@ -17,8 +30,9 @@ def formats_table() -> Table:
     for col in ("name", "weights", "activations", "algorithm", "TensorRT-LLM quant_algo"):
         table.add_column(col)
     for f in FORMATS.values():
-        w = f"{dtype_label(f.weight)} per {f.weight.granularity}" if f.weight else "-"
-        a = f"{dtype_label(f.act)} per {f.act.granularity} ({'dynamic' if f.act.dynamic else 'static'})" if f.act else "-"
+        w = f"{dtype_label(f.weight)} {granularity_label(f.weight)}" if f.weight else "-"
+        mode = "dynamic" if f.act and f.act.dynamic else ("dynamic blocks, static global" if f.act and f.act.block else "static")
+        a = f"{dtype_label(f.act)} {granularity_label(f.act)} ({mode})" if f.act else "-"
         table.add_row(f.name, w, a, f.algorithm, f.trtllm_quant_algo or "-")
     return table
 

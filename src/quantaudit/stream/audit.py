@@ -1,0 +1,433 @@
+"""The audit, streamed: the baseline and every candidate format go through the model one decoder layer at a time.
+
+Auditing a 70B model in fp32 in memory would take 280 GB. The quantizers that scale never hold the
+whole model: llm-compressor's sequential pipeline onloads one layer at a time, GPTQ's reference
+(IST-DASLab/gptq ``llama_sequential``) quantizes layer by layer, carrying only the hidden states
+between layers. This does the same for the baseline and N formats at once. The model is a meta-device
+skeleton whose parts are read from the safetensors files when needed (:mod:`.source`), and the hidden
+states of every window at the current layer boundary are all that crosses from one layer to the next
+(:mod:`.spill`: in memory up to a budget, on disk beyond):
+
+1. the token embedding turns the evaluation and calibration windows into layer-0 inputs, cut into the
+   batches the in-memory audit uses (``evaluate.iter_logits``; ``calibrate.first_layer_inputs`` with
+   ``QuantSpec.calib_batch``), then is freed;
+2. per decoder layer (the next one is read meanwhile): the baseline's evaluation states go through it;
+   for each format, a copy of it is calibrated and quantized by ``engine.quantize_layer``, the step
+   ``quantize()`` takes, on the full-precision calibration states (one stream shared by every format
+   calibrated that way) or, for a sequential algorithm (GPTQ), on the format's own calibration states,
+   which then go through the quantized copy; the format's evaluation states go through the copy and
+   are compared with the baseline's (layer drift); last, the full-precision calibration states go
+   through the float layer, and the layer is dropped;
+3. the final norm and lm_head turn each stream's last states into logits, window by window in blocks
+   of rows, paired with the baseline's in the same :class:`~quantaudit.metrics.PairedAccumulator`.
+
+Same batches, same modules, same per-layer quantization step: the statistics equal the in-memory
+audit's up to float rounding (tests/stream). Memory holds one layer (plus the next being read and one
+quantized copy), the boundary states (1 + formats evaluation streams, the calibration streams), and
+lm_head at the end: it does not grow with depth. Not computed in streaming mode, as the report says:
+per-layer sensitivity, activation outliers, task accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from collections import defaultdict
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..audit.drift import _DriftAccumulator
+from ..baseline import KEEP_BYTES
+from ..data import Windows, load_windows
+from ..errors import UserError
+from ..evaluate import LOGITS_BUDGET_BYTES, auto_batch_size
+from ..metrics import PairedAccumulator, PerplexityAccumulator, summarize_logits
+from ..models import load_tokenizer, model_folder
+from ..progress import console, track
+from ..quant.calibrate import DECODER_GROUPS, LayerInputs, _layer_output, first_layer_inputs
+from ..quant.engine import LayerPlan, LayerRecord, QuantizedModel, QuantSpec, _calib_info, plan_layers, quantize_layer
+from ..quant.kvcache import ATTN_IMPL, KVQuantizer
+from .source import CheckpointParts, checkpoint_fp32_bytes
+from .spill import SpillStore, available_memory, return_large_frees
+
+NOT_STREAMED = "not computed in streaming mode"
+# An in-memory audit holds the model, its quantized copy (float weights until replaced, then codes and
+# dequantized weights) and the sensitivity swaps: about three fp32 copies, plus a batch of logits and
+# the baseline log-probs it keeps (evaluate.LOGITS_BUDGET_BYTES, baseline.KEEP_BYTES).
+IN_MEMORY_COPIES = 3
+LOGIT_BLOCK_BYTES = 4 * 2**20  # float32 logits of one block of rows (x vocabulary) in the final stage
+DEFAULT_RAM_SHARE = 4  # boundary states kept in memory up to this fraction of the free memory
+
+
+def in_memory_bytes(fp32_weight_bytes: int) -> int:
+    """Estimated peak memory of an in-memory audit of a model with these fp32 weights."""
+    return IN_MEMORY_COPIES * fp32_weight_bytes + LOGITS_BUDGET_BYTES + KEEP_BYTES
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory()
+
+
+def use_streaming(settings) -> bool:
+    """``settings.streaming``: on, off, or auto: on when the in-memory estimate exceeds the free memory
+    (and the model has safetensors weights to stream from)."""
+    if settings.streaming != "auto":
+        return settings.streaming == "on"
+    folder, _ = model_folder(settings.model)
+    try:
+        needed = in_memory_bytes(checkpoint_fp32_bytes(folder))
+    except UserError:  # no safetensors: nothing to stream from
+        return False
+    free = _free_bytes(torch.device(settings.device))
+    if free is None or needed <= free:
+        return False
+    console.print(f"[bold]streaming[/bold]: an in-memory audit needs about {needed / 2**30:.1f} GiB, "
+                  f"{free / 2**30:.1f} GiB are free; reading one decoder layer at a time")
+    return True
+
+
+@contextmanager
+def _threads_within_cpus():
+    """torch uses the machine's physical cores by default; where this process may run on fewer (a pinned
+    container), more threads only contend, and the layer reader needs a share too."""
+    before = torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(min(before, cpus))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class _Batches:
+    """A window set cut into the batches every stream over it uses, with each batch's layer kwargs and real-token mask."""
+
+    parts: list[slice] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+    masks: list[torch.Tensor] = field(default_factory=list)
+
+
+def _layer0(front: nn.Module, windows: Windows, size: int, cut: bool) -> tuple[_Batches, list[torch.Tensor]]:
+    """Layer-0 inputs of ``windows`` in batches of ``size``, each cut to its longest window when ``cut``
+    (as ``evaluate.iter_logits`` runs them; calibration keeps whole windows, as ``quantize()`` does)."""
+    batches, hidden = _Batches(), []
+    for start in range(0, windows.n, size):
+        part = slice(start, min(start + size, windows.n))
+        width = int(windows.lengths[part].max()) if cut else windows.seq_len
+        got = first_layer_inputs(front, front.model.layers, windows.ids[part, :width], windows.lengths[part], size)
+        batches.parts.append(part)
+        batches.kwargs += got.kwargs
+        batches.masks += got.masks
+        hidden += got.hidden
+    return batches, hidden
+
+
+@contextmanager
+def _captured(layer: nn.Module, points: dict[str, str], keep: torch.Tensor | None):
+    """While the block runs: each point's ({name: path in ``layer``, "" for its own}) output at the ``keep`` positions."""
+    got: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        return lambda module, args, output: got.__setitem__(name, _layer_output(output)[keep])
+
+    handles = [layer.get_submodule(path).register_forward_hook(hook(name)) for name, path in points.items()]
+    try:
+        yield got
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _Stream:
+    """One model's hidden states over a window set at the current layer boundary, batch by batch in the store."""
+
+    def __init__(self, store: SpillStore, name: str, batches: _Batches, hidden: list[torch.Tensor]):
+        self.store, self.name, self.batches = store, name, batches
+        for j, h in enumerate(hidden):
+            store.put((name, j), h)
+
+    def __iter__(self):
+        return (self.store.get((self.name, j)) for j in range(len(self.batches.parts)))
+
+    def drain(self):
+        """Every batch once, each forgotten when the next is asked for (the final stage needs them once)."""
+        for j in range(len(self.batches.parts)):
+            yield self.store.get((self.name, j))
+            self.store.pop((self.name, j))
+
+    def inputs(self) -> LayerInputs:
+        """For ``engine.quantize_layer`` (``calibrate.collect`` only iterates the hidden states)."""
+        return LayerInputs(self, self.batches.kwargs, self.batches.masks)
+
+    def advance(self, layer: nn.Module, points: dict[str, str] | None = None,
+                watch: list[torch.Tensor | None] | None = None) -> list[dict[str, torch.Tensor]]:
+        """Replace every batch by ``layer``'s output on it; for the batches ``watch`` gives positions of, also
+        return what each of ``points`` output there."""
+        seen = []
+        for j, (hidden, kwargs) in enumerate(zip(self, self.batches.kwargs)):
+            keep = watch[j] if watch else None
+            with _captured(layer, points if keep is not None else {}, keep) as got:
+                out = _layer_output(layer(hidden, **kwargs))
+            self.store.put((self.name, j), out)
+            if keep is not None:
+                seen.append(got)
+        return seen
+
+
+def _watched(batches: _Batches, drift_windows: int) -> list[torch.Tensor | None] | None:
+    """Per evaluation batch, the real positions of the first ``drift_windows`` windows (None: none in it)."""
+    if not drift_windows:
+        return None
+    watch = []
+    for part, mask in zip(batches.parts, batches.masks):
+        rows = torch.arange(part.start, part.stop, device=mask.device) < drift_windows
+        watch.append(mask & rows[:, None] if part.start < drift_windows else None)
+    return watch
+
+
+def _drift_points(index: int) -> dict[str, str]:
+    """Where layer drift is measured in decoder layer ``index``, named as ``audit.run`` reports it."""
+    return {f"decoder.{index}": "", **{f"model.layers.{index}.{p}": p for g in DECODER_GROUPS for p in g.linears}}
+
+
+def _kv_quantizer(layer: nn.Module, plan: LayerPlan, spec: QuantSpec) -> KVQuantizer | None:
+    """``kvcache.install_kv_quantizers`` for one layer copy, whose attention has its own (deep-copied) config."""
+    if not plan.kv_format.kind:
+        return None
+    attention = layer.self_attn
+    attention.kv_quantizer = KVQuantizer(plan.kv_format, spec.kv_scales).to(attention.o_proj.weight.device)
+    attention.kv_quantizer.calibrating = True
+    attention.config._attn_implementation = ATTN_IMPL
+    return attention.kv_quantizer
+
+
+def _copy_to_quantize(layer: nn.Module) -> nn.Module:
+    """A copy of ``layer`` sharing its linear weights, which quantization only reads before replacing the
+    linears (an in-place write would corrupt the baseline's layer: tests/stream compares every format with the
+    in-memory path); the rest is copied, as SmoothQuant divides norm weights in place."""
+    shared = {id(m.weight): m.weight for m in layer.modules() if isinstance(m, nn.Linear)}
+    return copy.deepcopy(layer, shared)
+
+
+def _shell(record: LayerRecord) -> LayerRecord:
+    """``record`` with its tensors on the meta device: sizes and dtypes for the byte counts, no storage, so
+    the records of every layer can be kept."""
+    def meta(value):
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+    tensors = {f.name: meta(getattr(record, f.name)) for f in dataclasses.fields(record) if f.name != "details"}
+    return LayerRecord(**tensors, details={k: meta(v) for k, v in record.details.items()})
+
+
+@dataclass
+class StreamedFormat:
+    qm: QuantizedModel  # records and byte counts; its model is the meta-device skeleton (shapes only)
+    stats: dict  # as evaluate.compare_to_baseline: PairedAccumulator.summary(), seconds, tokens_per_s
+    drift: dict  # as audit.drift.layer_drift: {point: {"drift_rel", "cosine"}}
+    quantize_seconds: float
+
+
+@dataclass
+class StreamedAudit:
+    baseline: dict  # the baseline's perplexity summary (PerplexityAccumulator)
+    formats: dict[str, StreamedFormat]
+
+
+@dataclass
+class _FormatRun:
+    """One candidate's state while the layers stream past."""
+
+    spec: QuantSpec
+    plan: LayerPlan
+    eval: _Stream
+    calib: _Stream | None  # its own calibration states (sequential algorithms), else the shared full-precision ones
+    acc: PairedAccumulator = field(default_factory=PairedAccumulator)
+    drift: dict = field(default_factory=lambda: defaultdict(_DriftAccumulator))
+    records: dict = field(default_factory=dict)
+    kv_scales: dict = field(default_factory=dict)
+    quantize_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+    def step(self, index: int, layer: nn.Module, shared: _Stream | None, more: bool, total_tokens: int,
+             points: dict[str, str] | None, watch, reference: list[dict]) -> None:
+        started = time.perf_counter()
+        qlayer = _copy_to_quantize(layer)
+        calib = self.calib or shared
+        new: dict[str, LayerRecord] = {}
+        kv = quantize_layer(qlayer, index, self.plan, self.spec, calib.inputs() if self.plan.calibrating else None,
+                            total_tokens, new, _kv_quantizer(qlayer, self.plan, self.spec))
+        if kv is not None:
+            self.kv_scales[index] = kv
+        self.records.update((name, _shell(record)) for name, record in new.items())
+        if self.calib is not None and more:
+            self.calib.advance(qlayer)
+        self.quantize_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        for got, ref in zip(self.eval.advance(qlayer, points, watch), reference):
+            for name, value in got.items():
+                self.drift[name].add(value, ref[name])
+        self.eval_seconds += time.perf_counter() - started
+
+
+def _plans(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Windows) -> dict[str, LayerPlan]:
+    plans = {}
+    for name, spec in specs.items():
+        plans[name] = plan_layers(parts.skeleton, spec, calib)
+        if plans[name].assignments["lm_head"].reason is None:
+            raise UserError(f"{name}: layer streaming keeps lm_head unquantized (as TensorRT-LLM does by default)")
+    if len({spec.calib_batch for spec in specs.values()}) > 1:
+        raise ValueError("streamed formats share one calibration batching: give them the same calib_batch")
+    return plans
+
+
+@torch.no_grad()
+def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Windows, windows: Windows,
+                 store: SpillStore, batch_size: int | None = None, top_k: int | None = None, drift_windows: int = 0,
+                 progress: bool = True) -> StreamedAudit:
+    """Quantize the checkpoint to each of ``specs`` and compare each with its baseline on ``windows``,
+    reading one decoder layer at a time (see the module docstring). ``top_k``, ``batch_size`` and
+    ``drift_windows`` mean what they mean to the in-memory audit."""
+    plans = _plans(parts, specs, calib)
+    return_large_frees()
+    calib_batch = next(iter(specs.values())).calib_batch if specs else 1
+    with parts.with_embedding() as front:
+        eval_batches, eval_hidden = _layer0(front, windows, batch_size or auto_batch_size(front, windows), cut=True)
+        calibrating = any(plan.calibrating for plan in plans.values())
+        calib_batches, calib_hidden = _layer0(front, calib, calib_batch, cut=False) if calibrating else (None, [])
+    base = _Stream(store, "eval/baseline", eval_batches, eval_hidden)
+    runs = {
+        name: _FormatRun(specs[name], plan, _Stream(store, f"eval/{name}", eval_batches, eval_hidden),
+                         _Stream(store, f"calib/{name}", calib_batches, calib_hidden)
+                         if plan.calibrating and plan.sequential else None)
+        for name, plan in plans.items()
+    }
+    needs_shared = any(plan.calibrating and not plan.sequential for plan in plans.values())
+    shared = _Stream(store, "calib/full-precision", calib_batches, calib_hidden) if needs_shared else None
+    del eval_hidden, calib_hidden
+    total_tokens = int(calib.lengths.sum())
+    watch = _watched(eval_batches, drift_windows)
+
+    with _threads_within_cpus(), closing(parts.layers()) as layers:
+        steps = track(layers, "streaming decoder layers", total=parts.n_layers) if progress else layers
+        for index, layer in steps:
+            more = index + 1 < parts.n_layers
+            points = _drift_points(index) if watch else None
+            reference = base.advance(layer, points, watch)
+            for run in runs.values():
+                run.step(index, layer, shared, more, total_tokens, points, watch, reference)
+            if shared is not None and more:
+                shared.advance(layer)
+            del layer, reference
+        base_ppl = _final_logits(parts, windows, eval_batches, base, runs, top_k, drift_windows)
+
+    formats = {}
+    for name, run in runs.items():
+        run.records.update((n, _shell(r)) for n, r in run.plan.fallback_records(parts.skeleton).items())
+        records = {n: run.records[n] for n in run.plan.assignments}
+        qm = QuantizedModel(parts.skeleton, run.spec, records, run.kv_scales, _calib_info(calib, run.plan.calibrating),
+                            run.quantize_seconds)
+        summary = run.acc.summary()  # the seconds are those of this format's layers and logits
+        stats = {**summary, "seconds": run.eval_seconds, "tokens_per_s": summary["tokens"] / run.eval_seconds}
+        formats[name] = StreamedFormat(qm, stats, {k: a.result() for k, a in run.drift.items()}, run.quantize_seconds)
+    return StreamedAudit(base_ppl.summary(), formats)
+
+
+def _final_logits(parts: CheckpointParts, windows: Windows, batches: _Batches, base: _Stream,
+                  runs: dict[str, _FormatRun], top_k: int | None, drift_windows: int) -> PerplexityAccumulator:
+    """Final norm and lm_head on every stream, window by window in blocks of rows: the baseline's log-probs
+    (``metrics.summarize_logits``, as ``baseline.Baseline.chunks`` recomputes them) against each format's logits."""
+    norm, weight = parts.final_norm(), parts.lm_head_weight()
+    vocab = weight.shape[0]
+    k = None if top_k is None or top_k >= vocab else top_k
+    block = max(1, LOGIT_BLOCK_BYTES // (4 * vocab))
+    base_ppl = PerplexityAccumulator()
+    streams = [base.drain(), *(run.eval.drain() for run in runs.values())]
+    for part, hidden in zip(batches.parts, zip(*streams)):
+        base_last = norm(hidden[0])
+        quant_last = []
+        for run, last in zip(runs.values(), hidden[1:]):
+            started = time.perf_counter()
+            quant_last.append(norm(last))
+            run.eval_seconds += time.perf_counter() - started
+        for row, window in enumerate(range(part.start, part.stop)):
+            length = int(windows.lengths[window])
+            targets = windows.ids[window, 1:length].to(weight.device)
+            for start in range(0, length, block):
+                stop = min(start + block, length)
+                scored = slice(0, max(0, min(stop, length - 1) - start))  # the window's last position predicts nothing
+                base_logits = F.linear(base_last[row, start:stop], weight).float()
+                chunk = summarize_logits(base_logits[scored], targets[start:stop][scored], k)
+                base_ppl.add_nll(-chunk.target_logprob)
+                for run, last in zip(runs.values(), quant_last):
+                    started = time.perf_counter()
+                    logits = F.linear(last[row, start:stop], weight).float()
+                    if chunk.tokens:
+                        run.acc.update(chunk, logits[scored], targets[start:stop][scored])
+                    if window < drift_windows:
+                        run.drift["lm_head"].add(logits, base_logits)
+                    run.eval_seconds += time.perf_counter() - started
+    return base_ppl
+
+
+def audit_streamed(settings, out: Path, limits: list, resume: bool):
+    """``run_audit``'s streamed path: the same entries, from :func:`stream_audit`, for every candidate a
+    previous run in ``out`` did not finish; returns an ``audit.run.Audited``."""
+    from ..audit.budget import check_budget
+    from ..audit.run import Audited, candidates, format_entry, save_entry, saved_entry
+
+    folder, fingerprint = model_folder(settings.model)
+    parts = CheckpointParts(folder, settings.device)
+    tokenizer = load_tokenizer(folder)
+    eval_windows = load_windows(settings.eval, tokenizer, settings.seq_len, settings.windows, settings.bos)
+    calib = load_windows(settings.calib, tokenizer, settings.calib_seq, settings.calib_size, settings.bos, role="calib")
+    key = settings.fingerprint()
+    every = candidates(settings, parts.skeleton)
+    done = {c.name: entry for c in every if resume and (entry := saved_entry(out, c, key)) is not None}
+    todo = [c for c in every if c.name not in done]
+    not_computed = {"outliers": NOT_STREAMED}
+    if settings.sensitivity != "none":
+        not_computed["sensitivity"] = NOT_STREAMED
+    if settings.tasks:
+        not_computed["tasks"] = NOT_STREAMED
+    console.print(f"[bold]streaming[/bold] {parts.n_layers} decoder layers from {folder}; "
+                  f"{', '.join(not_computed)}: {NOT_STREAMED}")
+    free = available_memory()
+    budget = (settings.stream_ram_mb * 2**20 if settings.stream_ram_mb is not None
+              else (free if free is not None else 4 * 2**30) // DEFAULT_RAM_SHARE)
+    with SpillStore(budget) as store:
+        streamed = stream_audit(parts, {c.name: c.spec for c in todo}, calib, eval_windows, store,
+                                settings.batch_size, settings.top_k, settings.drift_windows)
+        spilled = store.spilled_bytes
+    for candidate in todo:
+        result = streamed.formats[candidate.name]
+        entry = format_entry(candidate, settings, result.qm, result.stats, result.quantize_seconds, result.drift, {})
+        entry["not_computed"] = {k: v for k, v in not_computed.items() if k != "outliers"}
+        entry["failed"] = check_budget(entry, limits)
+        entry["passed"] = not entry["failed"]
+        save_entry(out, entry, key)
+        done[candidate.name] = entry
+    unquantized = QuantizedModel(parts.skeleton, QuantSpec(format="none"),
+                                 plan_layers(parts.skeleton, QuantSpec(format="none"), None).fallback_records(parts.skeleton),
+                                 {}, {}, 0.0)
+    model = {"name": settings.model, "source": str(folder), "fingerprint": fingerprint,
+             "architecture": type(parts.skeleton).__name__,
+             "params": sum(p.numel() for p in parts.skeleton.parameters()),
+             "decoder_layers": parts.n_layers, "linear_layers": len(unquantized.layers)}
+    vocab = parts.skeleton.get_output_embeddings().weight.shape[0]
+    streaming = {"mode": settings.streaming, "not_computed": not_computed, "ram_budget_bytes": budget,
+                 "spilled_bytes": spilled, "fp32_weight_bytes": parts.fp32_bytes(), "torch_threads": torch.get_num_threads()}
+    return Audited(model, eval_windows, calib,
+                   {**streamed.baseline, "weight_bytes": unquantized.weight_bytes(),
+                    "kv_bytes_per_token": unquantized.kv_bytes_per_token()},
+                   None if settings.top_k is None or settings.top_k >= vocab else settings.top_k,
+                   [done[c.name] for c in every], [], None, streaming)

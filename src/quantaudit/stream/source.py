@@ -1,0 +1,146 @@
+"""A Hugging Face checkpoint read one part at a time from its safetensors files, never whole.
+
+This is llm-compressor's sequential onloading (``pipelines/sequential``: only the subgraph being
+calibrated is on the device) and GPTQ's layer-wise pass (IST-DASLab/gptq ``llama_sequential``:
+one decoder layer at a time), applied to a model that is not even loaded: the model exists as a
+*skeleton* on the meta device (every module with its shapes, no storage), and a part of it (the
+token embedding, one decoder layer, the final norm, lm_head) gets real tensors only while it runs.
+
+``safetensors.safe_open`` memory-maps each shard; ``get_tensor`` returns a view of the private
+(copy-on-write) mapping, so nothing is copied, an in-place edit never reaches the file, and only
+pages that are touched become resident: the embedding lookup reads just the rows of the tokens
+used. While one layer computes, a background thread builds the next one and touches each of its
+pages once, so the disk read overlaps the compute instead of stalling it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import UserError
+from ..quant.calibrate import decoder_layers
+
+# Architectures whose logits are exactly lm_head(model.norm(last hidden state)) and whose decoder
+# layers all take layer 0's inputs (one mask type): the streamed tail computes just that.
+STREAMABLE = ("LlamaForCausalLM", "MistralForCausalLM")
+PAGE_BYTES = 4096
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> shard holding it (``model.safetensors.index.json``'s weight_map, else every shard's keys)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    files = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            files.update((name, shard) for name in f.keys())
+    if not files:
+        raise UserError(f"{folder} has no .safetensors weights: layer streaming reads safetensors only")
+    return files
+
+
+def _touch(tensors: list[torch.Tensor]) -> None:
+    """Read one value per page of each CPU tensor: brings a mapped file's pages in without copying them."""
+    for t in tensors:
+        if t.device.type == "cpu" and t.numel():
+            t.reshape(-1)[:: max(1, PAGE_BYTES // t.element_size())].sum()
+
+
+def checkpoint_fp32_bytes(folder: Path) -> int:
+    """What the checkpoint's tensors take in float32, from the safetensors headers alone."""
+    numel = 0
+    for shard in set(_tensor_files(Path(folder)).values()):
+        with safe_open(shard, framework="pt") as f:
+            numel += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return 4 * numel
+
+
+class CheckpointParts:
+    """The skeleton of a Llama-family checkpoint and its parts, loaded on ``device`` when asked for."""
+
+    def __init__(self, folder: Path, device: torch.device | str = "cpu"):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.folder = Path(folder)
+        self.device = torch.device(device)
+        self.config = AutoConfig.from_pretrained(self.folder, local_files_only=True)
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32).eval()
+        if type(self.skeleton).__name__ not in STREAMABLE:
+            raise UserError(f"layer streaming supports {', '.join(STREAMABLE)}, not {type(self.skeleton).__name__}: "
+                            "use --streaming off")
+        self.n_layers = len(decoder_layers(self.skeleton))
+        self.files = _tensor_files(self.folder)
+        inner = self.skeleton.model
+        inner.rotary_emb = type(inner.rotary_emb)(config=self.config).to(self.device)  # built from config, not stored
+        self._meta_embedding = inner.embed_tokens
+
+    def fp32_bytes(self) -> int:
+        """What the whole model takes in float32 (a tied lm_head counted once, as a loaded model holds it)."""
+        return 4 * sum(p.numel() for p in self.skeleton.parameters())
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        missing = [n for n in names if n not in self.files]
+        if missing:
+            raise UserError(f"{self.folder}: tensor {missing[0]} is not in its safetensors files")
+        out = {}
+        for shard in dict.fromkeys(self.files[n] for n in names):
+            with safe_open(shard, framework="pt", device=str(self.device)) as f:
+                out.update((n, f.get_tensor(n).to(torch.float32)) for n in names if self.files[n] == shard)
+        return out
+
+    def _load(self, prefix: str, template: nn.Module) -> nn.Module:
+        """A copy of the meta ``template`` holding the checkpoint's tensors ``prefix + name``."""
+        module = copy.deepcopy(template)
+        tensors = self._read([prefix + name for name in template.state_dict()])
+        module.load_state_dict({name[len(prefix):]: t for name, t in tensors.items()}, assign=True)
+        return module.eval()
+
+    @torch.no_grad()
+    def layer(self, index: int) -> nn.Module:
+        """Decoder layer ``index`` with its weights, pages read in."""
+        layer = self._load(f"model.layers.{index}.", self.skeleton.model.layers[index])
+        _touch(list(layer.state_dict().values()))
+        return layer
+
+    def layers(self) -> Iterator[tuple[int, nn.Module]]:
+        """Every decoder layer in order; the next one is read in the background while the caller uses this one."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantaudit-layer-reader") as reader:
+            pending = reader.submit(self.layer, 0)
+            for index in range(self.n_layers):
+                layer = pending.result()
+                pending = reader.submit(self.layer, index + 1) if index + 1 < self.n_layers else None
+                yield index, layer
+                del layer
+
+    @contextmanager
+    def with_embedding(self) -> Iterator[nn.Module]:
+        """The skeleton with its real token embedding while the block runs (for ``calibrate.first_layer_inputs``)."""
+        inner = self.skeleton.model
+        inner.embed_tokens = self._load("model.embed_tokens.", self._meta_embedding)
+        try:
+            yield self.skeleton
+        finally:
+            inner.embed_tokens = self._meta_embedding
+
+    def final_norm(self) -> nn.Module:
+        return self._load("model.norm.", self.skeleton.model.norm)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """lm_head's weight; the embedding's when the checkpoint ties them."""
+        name = "lm_head.weight"
+        if name not in self.files and getattr(self.config, "tie_word_embeddings", False):
+            name = "model.embed_tokens.weight"
+        return self._read([name])[name]
+

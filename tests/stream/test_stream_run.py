@@ -1,0 +1,133 @@
+"""`quantaudit audit --streaming`: the report a streamed run writes, the automatic choice, and a run killed mid-way."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+
+import pytest
+
+from quantaudit.audit.run import run_audit
+from quantaudit.audit.settings import AuditSettings
+from quantaudit.cli import main
+from quantaudit.stream import audit as stream_module
+from quantaudit.stream.audit import NOT_STREAMED, in_memory_bytes, use_streaming
+from quantaudit.stream.source import checkpoint_fp32_bytes
+from quantaudit.stream.spill import PREFIX
+
+FORMATS = ["int8_wo", "int4_awq", "int4_gptq"]
+
+
+def _settings(stories_dir, text, **overrides) -> AuditSettings:
+    base = dict(model=str(stories_dir), formats=FORMATS, calib=str(text), calib_size=3, calib_seq=128, eval=str(text),
+                windows=4, seq_len=200, drift_windows=1, sensitivity="decoder", budget="kld<=0.05")
+    return AuditSettings(**{**base, **overrides})
+
+
+@pytest.fixture
+def private_dirs(tmp_path, monkeypatch):
+    """A private cache and temporary folder, to see everything a run leaves behind."""
+    monkeypatch.setenv("QUANTAUDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    return tmp_path
+
+
+def test_streamed_report_matches_the_in_memory_one(stories_dir, text, private_dirs):
+    out = private_dirs / "streamed"
+    code = main(["audit", "--model", str(stories_dir), "--formats", ",".join(FORMATS), "--calib", str(text),
+                 "--calib-size", "3", "--calib-seq", "128", "--eval", str(text), "--windows", "4", "--seq-len", "200",
+                 "--drift-windows", "1", "--budget", "kld<=0.05", "--streaming", "on", "--stream-ram", "0",
+                 "--out", str(out)])
+    assert code in (0, 3)
+    streamed = json.loads((out / "report.json").read_text())
+    assert not list((private_dirs / "tmp").glob(PREFIX + "*"))  # spill folder removed
+    assert not (private_dirs / "cache").exists()  # a streamed run caches nothing (no baseline)
+    in_memory = run_audit(_settings(stories_dir, text, streaming="off"), private_dirs / "in-memory")
+    assert "streaming" not in in_memory
+    assert streamed["streaming"]["mode"] == "on" and streamed["streaming"]["spilled_bytes"] > 0
+    assert streamed["streaming"]["not_computed"] == {"outliers": NOT_STREAMED, "sensitivity": NOT_STREAMED}
+    assert streamed["outliers"] == [] and in_memory["outliers"]
+    for key in ("model", "eval", "calib"):
+        assert streamed[key] == in_memory[key], key
+    assert streamed["baseline"]["ppl"] == pytest.approx(in_memory["baseline"]["ppl"], rel=1e-5)
+    assert streamed["baseline"]["weight_bytes"] == in_memory["baseline"]["weight_bytes"]
+    for s, m in zip(streamed["formats"], in_memory["formats"]):
+        assert s["name"] == m["name"]
+        assert s["kld"]["mean"] == pytest.approx(m["kld"]["mean"], rel=1e-5)
+        assert s["kld"]["p99"] == pytest.approx(m["kld"]["p99"], rel=1e-5)
+        assert s["ppl_ratio"] == pytest.approx(m["ppl_ratio"], rel=1e-5) and s["top1"] == pytest.approx(m["top1"], rel=1e-5)
+        assert (s["weight_bytes"], s["compression"], s["passed"]) == (m["weight_bytes"], m["compression"], m["passed"])
+        assert s["fallback_layers"] == m["fallback_layers"]
+        assert [d["drift_rel"] for d in s["decoder_layers"]] == pytest.approx([d["drift_rel"] for d in m["decoder_layers"]], rel=1e-4)
+        # sensitivity: said to be missing, never filled in
+        assert s["not_computed"] == {"sensitivity": NOT_STREAMED} and "not_computed" not in m
+        assert all(l["sensitivity_kld"] is None for l in s["layers"]) and "decoder_sensitivity" not in s
+        assert any(l["sensitivity_kld"] is not None for l in m["layers"]) and m["decoder_sensitivity"]
+    assert json.loads((out / "formats" / "int4_gptq.json").read_text())["entry"]["kld"] == streamed["formats"][2]["kld"]
+
+
+def test_killed_run_leaves_no_report_no_cache_and_no_spill(stories_dir, text, private_dirs, monkeypatch):
+    seen = []
+    step = stream_module._FormatRun.step
+
+    def interrupted(self, index, *args, **kwargs):
+        if index == 2:
+            seen.extend((folder, list(folder.iterdir())) for folder in (private_dirs / "tmp").glob(PREFIX + "*"))
+            raise KeyboardInterrupt
+        return step(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(stream_module._FormatRun, "step", interrupted)
+    settings = _settings(stories_dir, text, streaming="on", stream_ram_mb=0, formats=["int8_wo", "int4_gptq"])
+    out = private_dirs / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(settings, out)
+    (folder, files), = seen
+    assert files  # it had spilled hidden states ...
+    assert not folder.exists() and not list((private_dirs / "tmp").iterdir())  # ... and removed them
+    assert not (out / "report.json").exists() and not list((out / "formats").iterdir())
+    assert not (private_dirs / "cache").exists()
+    monkeypatch.setattr(stream_module._FormatRun, "step", step)
+    resumed = run_audit(settings, out, resume=True)  # nothing half-written to trip over
+    assert [f["name"] for f in resumed["formats"]] == ["int8_wo", "int4_gptq"]
+    assert all(f["kld"]["mean"] > 0 for f in resumed["formats"])
+
+
+def test_resume_streams_only_the_unfinished_formats(stories_dir, text, private_dirs, monkeypatch):
+    settings = _settings(stories_dir, text, streaming="on", formats=["int8_wo"], sensitivity="none", drift_windows=0)
+    first = run_audit(settings, private_dirs / "r")
+    asked = []
+    real = stream_module.stream_audit
+    monkeypatch.setattr(stream_module, "stream_audit", lambda parts, specs, *a, **k: asked.append(list(specs)) or real(parts, specs, *a, **k))
+    settings.formats = ["int8_wo", "fp8"]
+    second = run_audit(settings, private_dirs / "r", resume=True)
+    assert asked == [["fp8"]]
+    assert second["formats"][0]["kld"] == first["formats"][0]["kld"] and second["formats"][1]["name"] == "fp8"
+    assert second["baseline"]["ppl"] == first["baseline"]["ppl"]
+
+
+def test_auto_streams_only_when_the_model_would_not_fit(stories, stories_dir, text, monkeypatch):
+    weights = checkpoint_fp32_bytes(stories_dir)
+    assert weights == 4 * sum(p.numel() for p in stories.model.parameters())
+    needed = in_memory_bytes(weights)
+    settings = _settings(stories_dir, text)
+    assert settings.streaming == "auto"
+    monkeypatch.setattr(stream_module, "available_memory", lambda: needed + 1)
+    assert not use_streaming(settings)
+    monkeypatch.setattr(stream_module, "available_memory", lambda: needed - 1)
+    assert use_streaming(settings)
+    monkeypatch.setattr(stream_module, "available_memory", lambda: None)  # unknown: load it as usual
+    assert not use_streaming(settings)
+    assert use_streaming(_settings(stories_dir, text, streaming="on"))
+    assert not use_streaming(_settings(stories_dir, text, streaming="off"))
+
+
+def test_bad_streaming_flags_are_refused(stories_dir, text, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["audit", "--model", str(stories_dir), "--streaming", "sometimes", "--out", str(tmp_path)])
+    assert exited.value.code == 2 and "--streaming" in capsys.readouterr().err
+    from quantaudit.audit.settings import validate
+    from quantaudit.errors import UserError
+
+    with pytest.raises(UserError, match="--stream-ram"):
+        validate(_settings(stories_dir, text, stream_ram_mb=-1))
