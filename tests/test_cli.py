@@ -63,7 +63,7 @@ def _different_vocab_model(shared_dir, tmp_path):
         ("binary_text", "not UTF-8"),
         ("bad_jsonl", ":2: not valid JSON"),
         ("vocab_mismatch", "different vocabularies"),
-        ("unknown_format", "unknown format 'int3'"),
+        ("unknown_format", "unknown format 'int3'; valid formats: none, fp8, fp8_pc_pt, int8_wo, int4_wo"),
         ("bad_budget", "budget grammar"),
     ],
 )

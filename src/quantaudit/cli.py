@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "format meets --budget; 3: no format does; 2: bad input.",
         epilog="example:\n  quantaudit audit --model smollm2-135m --formats fp8,int8_sq,int4_awq "
         "--calib calib.txt --eval eval.txt --budget 'kld<=0.05' --out audit-out")
-    add_audit_arguments(p)
+    add_audit_arguments(p, out_default="audit-out")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("demo", help="`audit` on the embedded default model and text, into ./audit-out",
                        description="The README's main command: audit SmolLM2-135M on the default text.")
@@ -168,6 +168,8 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
     p.add_argument("--group-size", type=int, default=d.group_size,
                    help="INT4 group size, 128 or 64; layers not divisible fall back (default: %(default)s)")
     p.add_argument("--exclude", default="", help="fnmatch patterns of layers to keep unquantized, comma-separated")
+    p.add_argument("--include-lm-head", action="store_true",
+                   help="quantize lm_head too (TensorRT-LLM and ModelOpt leave it unquantized by default)")
     p.add_argument("--plan", default=None, metavar="FILE",
                    help="also audit this mixed-precision plan (autotune's plan.json, or {layer: format}), "
                         "reported as format 'plan' next to --formats (which may then be empty: --formats '')")
@@ -210,7 +212,7 @@ def cmd_audit(args) -> int:
         task_limit=args.limit, task_seed=args.seed, task_strict=args.strict,
         kv_cache=args.kv_cache, kv_scales=args.kv_scales, calib=args.calib, calib_size=args.calib_size, calib_seq=args.calib_seq,
         eval=args.eval, windows=args.windows, seq_len=args.seq_len, bos=args.bos, group_size=args.group_size,
-        exclude=_split(args.exclude), plan=args.plan, budget=args.budget, top_k=args.top_k,
+        exclude=_split(args.exclude), include_lm_head=args.include_lm_head, plan=args.plan, budget=args.budget, top_k=args.top_k,
         drift_windows=args.drift_windows, sensitivity=args.sensitivity_granularity,
         sensitivity_windows=args.sensitivity_windows, batch_size=args.batch_size, device=args.device, gpu=args.gpu,
         streaming=args.streaming, stream_ram_mb=args.stream_ram,
@@ -300,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         print(f"quantaudit {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a file the checks above did not foresee (permissions, a full disk): one line, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"quantaudit {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"quantaudit {args.command}: interrupted; finished outputs were kept, nothing half-written",

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .memory import trim_heap
 
 DOC_SEPARATOR = "<|endoftext|>"  # TinyStories / GPT-2 style document separator in plain text
 BOS_POLICIES = ("auto", "doc", "none")
@@ -103,7 +104,10 @@ def read_documents(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"text file not found: {path}")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read text file {path}: {exc.strerror}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -185,6 +189,8 @@ def load_windows(
         docs, name = read_documents(source), str(source)
     bos = resolve_bos(tokenizer, bos)
     tokenized = tokenize_documents(docs, tokenizer, bos)
+    del docs
+    trim_heap()  # the tokenizer's per-token records are freed but would stay resident (quantaudit.memory)
     total = sum(len(ids) for ids in tokenized)
     flag = "--calib-seq" if role == "calib" else "--seq-len"
     if total < seq_len:

@@ -63,7 +63,8 @@ def test_fp8_export_matches_the_modelopt_reference(smollm2, smol_calib, shared_d
 
 
 FORMATS = [("fp8", "fp8"), ("fp8_pc_pt", "none"), ("int8_wo", "none"), ("int4_wo", "none"), ("int8_sq", "none"),
-           ("int4_awq", "none"), ("int4_gptq", "none"), ("w4a8_awq", "none")]
+           ("int4_awq", "none"), ("int4_gptq", "none"), ("w4a8_awq", "none"), ("int8_sq_static", "none"),
+           ("int8_w8a8_nosmooth", "none"), ("nvfp4", "none"), ("nvfp4_awq", "none"), ("w4a8_nvfp4_fp8", "none")]
 
 
 @pytest.mark.parametrize("fmt,kv", FORMATS)

@@ -206,6 +206,24 @@ def test_autotune_scatter_has_one_point_per_candidate(html, report):
     assert [float(p["data-value"]) for p in points] == [c["kld"] for c in report["autotune"]["curve"]]
 
 
+def test_audit_gpu_frontier_plots_the_advisors_speed_against_the_measured_kld(report, tmp_path):
+    """``audit --gpu``: one point per audited format the GPU runs natively, recommended or rejected for its
+    budget, at the advisor's decode tokens/s and the report's own mean KLD (all three are native on an H100)."""
+    from quantaudit.advise import advise
+
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    r = dict(report, advice=advise(params=8e9, gpu="h100", report=path))
+    audited = [x for x in r["advice"]["recommendations"] + r["advice"]["rejected"] if x["audit"] is not None]
+    assert sorted(x["format"] for x in audited) == ["fp8", "int4_awq", "int8_sq"]
+    assert all(x["decode_tokens_per_s"] > 0 for x in audited)
+    out = render_html(r)
+    (chart,) = plots_of(out)["frontier"]
+    kld = {f["name"]: f["kld"]["mean"] for f in report["formats"]}
+    assert [float(p["data-value"]) for p in marks(chart, "point")] == [kld[x["format"]] for x in audited]
+    assert "<h3>Accuracy vs speed</h3>" in out
+
+
 def test_summary_table_and_verdicts(html, report):
     assert '<span class="pass">PASS</span>' in html
     assert '<span class="fail">FAIL</span><span class="why">kld 0.1187 &gt; 0.05</span>' in html

@@ -98,7 +98,9 @@ def advise(
         "deployment": [inflight_batching(top, ctx), speculative_decoding(top, candidates, ctx),
                        model_size(top, candidates, ctx)],
         "rejected": [{"format": c.name, "kind": c.problem_kind, "reason": c.problem, "kv_cache": c.kv_cache,
-                      "weight_bytes": c.plan.weight_bytes, "max_batch_at_context": c.plan.max_batch}
+                      "weight_bytes": c.plan.weight_bytes, "max_batch_at_context": c.plan.max_batch,
+                      **(c.speed.describe() if c.speed is not None else {}),  # where the GPU runs it
+                      "audit": c.audit.describe() if c.audit is not None else None}
                      for c in rejected],
         "notes": _notes(the_shape, the_gpu),
     }

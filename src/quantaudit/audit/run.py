@@ -103,7 +103,7 @@ class Candidate:
 def candidates(settings: AuditSettings, model: torch.nn.Module) -> list[Candidate]:
     """The uniform ``--formats``, then the ``--plan`` (TensorRT-LLM ``MIXED_PRECISION``) if given."""
     common = {"kv_cache": settings.kv_cache, "kv_scales": settings.kv_scales, "group_size": settings.group_size,
-              "exclude": tuple(settings.exclude)}
+              "exclude": tuple(settings.exclude), "include_lm_head": settings.include_lm_head}
     out = [Candidate(name, QuantSpec(format=name, **common), get_format(name).description,
                      get_format(name).trtllm_quant_algo) for name in settings.formats]
     if settings.plan:

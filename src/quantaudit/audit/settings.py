@@ -32,6 +32,7 @@ class AuditSettings:
     bos: str = "auto"
     group_size: int = 128
     exclude: list[str] = field(default_factory=list)
+    include_lm_head: bool = False
     plan: str | None = None  # a mixed-precision plan file (quant.plan), audited next to the formats
     budget: str = DEFAULT_BUDGET
     top_k: int | None = None  # None: exact full-vocabulary baseline (quantaudit.baseline); K: top-K lower bound

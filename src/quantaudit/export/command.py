@@ -38,6 +38,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bos", choices=["auto", "doc", "none"], default=d.bos, help="BOS policy (default: auto)")
     p.add_argument("--group-size", type=int, default=d.group_size, help="INT4 group size, 128 or 64 (default: %(default)s)")
     p.add_argument("--exclude", default="", help="fnmatch patterns of layers to keep unquantized, comma-separated")
+    p.add_argument("--include-lm-head", action="store_true",
+                   help="quantize lm_head too (refused where TensorRT-LLM keeps it unquantized)")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to create")
     p.add_argument("--target", default="trtllm", choices=["trtllm", "hf"],
                    help="trtllm: TensorRT-LLM checkpoint; hf: ModelOpt unified HF folder (default: %(default)s)")
@@ -88,7 +90,8 @@ def run_export(args: argparse.Namespace) -> int:
         check_trtllm_formats({fmt, *(plan or {}).values()})
         check_trtllm_kv(args.kv_cache, args.kv_scales)
     spec = QuantSpec(format=fmt, kv_cache=args.kv_cache, kv_scales=args.kv_scales, group_size=args.group_size, plan=plan,
-                     exclude=tuple(p.strip() for p in args.exclude.split(",") if p.strip()))
+                     exclude=tuple(p.strip() for p in args.exclude.split(",") if p.strip()),
+                     include_lm_head=args.include_lm_head)
     lm = load_model(args.model, device=args.device)
     if mixed:
         check_layers(mixed, lm.model, f"plan file {args.plan}")

@@ -1,12 +1,15 @@
 """Where the linears of a Llama-family model sit, and the statistics calibration collects on them.
 
-Calibration is sequential, as llm-compressor's sequential pipeline and the GPTQ/AWQ references
-do it: the calibration windows are run up to the first decoder layer once; then, layer by layer,
-the layer is run on the current hidden states with hooks recording the inputs of its linears, the
-layer is quantized, and the quantized layer is run again to produce the hidden states for the next
-one. Each layer is therefore calibrated on the outputs of the already-quantized layers before it.
-Within a layer all linears are calibrated on the same pass (llm-compressor's per-subgraph scheme),
-so o_proj/down_proj see the inputs of the layer's float q/k/v and gate/up.
+Calibration runs layer by layer: the calibration windows are run up to the first decoder layer once;
+then, per layer, the layer is run on the current hidden states with hooks recording the inputs of its
+linears, and the layer is quantized. What the next layer sees depends on the algorithm
+(``quant.algorithms``): static scales, SmoothQuant and AWQ are calibrated on the full-precision
+model's activations (ModelOpt's ``max`` calibration, llm-awq), so the float layer produces the next
+hidden states; GPTQ is sequential, as the GPTQ reference and llm-compressor's sequential pipeline run
+it, and the quantized layer produces them, so each layer is calibrated on the outputs of the
+already-quantized layers before it. Within a layer all linears are calibrated on the same pass
+(llm-compressor's per-subgraph scheme), so o_proj/down_proj see the inputs of the layer's float
+q/k/v and gate/up.
 
 Padded positions of the calibration windows are excluded from every statistic. Memory holds the
 hidden states of all calibration tokens at one depth (SmolLM2, 64 x 512 tokens: 75 MB) plus one

@@ -136,11 +136,18 @@ def _formats(report: dict) -> str:
 def _overview_plots(report: dict, colours: dict[str, str]) -> str:
     charts = [plots.kld_plot(report, colours), plots.ppl_ratio_plot(report, colours),
               plots.depth_plot(report, colours, "drift_rel"), plots.depth_plot(report, colours, "cosine"),
-              plots.autotune_plot(report)]
+              plots.autotune_plot(report), plots.frontier_plot(report)]
     charts = [c for c in charts if c]
     if not charts:
         return ""
     curve = autotune_curve(report)
+    frontier = plots.frontier_entries(report.get("advice") or {})
+    if frontier:  # numbered as in the frontier chart
+        charts.append("<div><h3>Accuracy vs speed</h3>" + _table(
+            ["#", "format", "KV cache", "decode tokens/s", "mean KLD", "advisor"],
+            [[str(i), escape(r["format"]), escape(str(r.get("kv_cache"))), num(r["decode_tokens_per_s"]),
+              num(r["audit"]["kld_mean"]), escape(f"rank {r['rank']}" if "rank" in r else r.get("reason", DASH))]
+             for i, r in enumerate(frontier, 1)], num_cols={0, 3, 4}) + "</div>")
     if curve:  # the scatter numbers its points; this table names them
         charts.append("<div><h3>Autotune candidates</h3>" + _table(
             ["#", "candidate", "weight MB", "mean KLD"],

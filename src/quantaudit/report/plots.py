@@ -455,3 +455,25 @@ def autotune_plot(report: dict) -> str:
                    [(p["weight_bytes"] / 1e6, p["kld"], str(p.get("label", ""))) for p in curve], PALETTE[0],
                    x_label="weights (MB)", y_label="mean KLD (nats/token)",
                    threshold=limit and limit[0], threshold_label=limit[1] if limit else "")
+
+
+def frontier_entries(advice: dict) -> list[dict]:
+    """The advisor's entries (recommended first, then rejected) that have both a speed estimate and an audit KLD."""
+    return [r for r in (advice.get("recommendations") or []) + (advice.get("rejected") or [])
+            if (r.get("audit") or {}).get("kld_mean") is not None and r.get("decode_tokens_per_s") is not None]
+
+
+def frontier_plot(report: dict) -> str:
+    """``audit --gpu``: each audited format the GPU runs, recommended or not, at its estimated decode
+    tokens/s there (the advisor's roofline) against its measured mean KLD: the accuracy-speed frontier,
+    the budget as a line."""
+    advice = report.get("advice") or {}
+    points = [(r["decode_tokens_per_s"], r["audit"]["kld_mean"], f"{r['format']} (KV {r.get('kv_cache')})")
+              for r in frontier_entries(advice)]
+    if not points:
+        return ""
+    gpu = (advice.get("gpu") or {}).get("name", "GPU")
+    limit = budget_limit(report, "kld")
+    return scatter("frontier", f"Estimated decode tokens/s on {gpu} vs measured mean KLD", points, PALETTE[1],
+                   x_label=f"decode tokens/s, batch {(advice.get('workload') or {}).get('batch', '?')} (roofline)",
+                   y_label="mean KLD (nats/token)", threshold=limit and limit[0], threshold_label=limit[1] if limit else "")

@@ -55,7 +55,8 @@ from ..quant.calibrate import DECODER_GROUPS, LayerInputs, _layer_output, first_
 from ..quant.engine import LayerPlan, LayerRecord, QuantizedModel, QuantSpec, _calib_info, plan_layers, quantize_layer
 from ..quant.kvcache import ATTN_IMPL, KVQuantizer
 from .source import CheckpointParts, checkpoint_fp32_bytes
-from .spill import SpillStore, available_memory, return_large_frees
+from ..memory import available_memory, return_large_frees, trim_heap
+from .spill import SpillStore
 
 NOT_STREAMED = "not computed in streaming mode"
 # An in-memory audit holds the model, its quantized copy (float weights until replaced, then codes and
@@ -328,6 +329,7 @@ def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Win
             if shared is not None and more:
                 shared.advance(layer)
             del layer, reference
+            trim_heap()  # the layer's small temporaries would otherwise fragment the heap, which grows with depth
         base_ppl = _final_logits(parts, windows, eval_batches, base, runs, top_k, drift_windows)
 
     formats = {}

@@ -14,7 +14,6 @@ is gone.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -26,48 +25,6 @@ import numpy as np
 import torch
 
 PREFIX = "quantaudit-spill-"
-MMAP_THRESHOLD = 2**20
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-def return_large_frees() -> bool:
-    """Have glibc serve every allocation of ``MMAP_THRESHOLD`` bytes or more by its own mmap, so freeing it
-    returns the memory to the system. By default glibc raises that threshold to the largest block freed so
-    far (up to 32 MiB): a streamed audit's many few-MiB temporaries (logit blocks, per-layer states) then
-    come from the heap, where the small tensors that outlive them pin the freed space, and the resident
-    memory grew by ~4 MiB per block of logits (SmolLM2) until it held every block ever computed. Returns
-    False where the C library has no ``mallopt`` (not glibc): nothing to do there."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-
-
-def available_memory() -> int | None:
-    """Bytes this process can still allocate without swapping, or None when the platform does not say.
-
-    Linux: ``MemAvailable`` of /proc/meminfo, capped by a cgroup v2 ``memory.max`` (containers);
-    other POSIX systems: free physical pages from ``os.sysconf``.
-    """
-    found = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found = int(line.split()[1]) * 1024
-    except OSError:
-        try:
-            found = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max":
-            found = min(found, int(limit) - used) if found is not None else int(limit) - used
-    except (OSError, ValueError):
-        pass
-    return found
 
 
 def _alive(pid: int) -> bool:
