@@ -132,3 +132,20 @@ def test_eval_tasks_json_and_audit_task_budget(shared_dir, tmp_path, capsys):
     assert comparison["acc_base"] == direct["acc"] and comparison["n"] == 12
     assert entry["tasks_summary"]["recovery"] == comparison["recovery"]
     assert entry["passed"] == (comparison["recovery"] >= 0.5) and code == (0 if entry["passed"] else 3)
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    """Written through a private temporary file, the result still gets the mode the umask gives new files."""
+    import os
+
+    from quantaudit.fileio import atomic_directory, atomic_write_json
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "report.json", {"a": 1})
+        with atomic_directory(tmp_path / "ckpt"):
+            pass
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755

@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     from .audit.budget import DEFAULT_BUDGET, METRICS
-    from .audit.settings import STREAMING_MODES, AuditSettings
+    from .audit.settings import STREAMING_MODES, AuditSettings, add_algorithm_arguments
     from .quant.formats import KV_CACHE_FORMATS, KV_SCALES
 
     d = AuditSettings()
@@ -170,6 +170,7 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
     p.add_argument("--exclude", default="", help="fnmatch patterns of layers to keep unquantized, comma-separated")
     p.add_argument("--include-lm-head", action="store_true",
                    help="quantize lm_head too (TensorRT-LLM and ModelOpt leave it unquantized by default)")
+    add_algorithm_arguments(p)
     p.add_argument("--plan", default=None, metavar="FILE",
                    help="also audit this mixed-precision plan (autotune's plan.json, or {layer: format}), "
                         "reported as format 'plan' next to --formats (which may then be empty: --formats '')")
@@ -212,7 +213,8 @@ def cmd_audit(args) -> int:
         task_limit=args.limit, task_seed=args.seed, task_strict=args.strict,
         kv_cache=args.kv_cache, kv_scales=args.kv_scales, calib=args.calib, calib_size=args.calib_size, calib_seq=args.calib_seq,
         eval=args.eval, windows=args.windows, seq_len=args.seq_len, bos=args.bos, group_size=args.group_size,
-        exclude=_split(args.exclude), include_lm_head=args.include_lm_head, plan=args.plan, budget=args.budget, top_k=args.top_k,
+        exclude=_split(args.exclude), include_lm_head=args.include_lm_head,
+        smoothquant_alpha=args.smoothquant_alpha, act_order=args.act_order, plan=args.plan, budget=args.budget, top_k=args.top_k,
         drift_windows=args.drift_windows, sensitivity=args.sensitivity_granularity,
         sensitivity_windows=args.sensitivity_windows, batch_size=args.batch_size, device=args.device, gpu=args.gpu,
         streaming=args.streaming, stream_ram_mb=args.stream_ram,

@@ -25,3 +25,4 @@ def test_bad_budget_shows_the_grammar(text):
         parse_budget(text)
     assert "budget grammar" in str(err.value) and "\n" not in str(err.value)
     assert GRAMMAR in str(err.value)
+

@@ -119,3 +119,30 @@ def test_cuda_follows_the_same_path(stories_dir, calib, eval_windows):
     with SpillStore(0) as store:
         gpu = stream_audit(parts, specs, calib, eval_windows, store, progress=False)
     assert gpu.formats["int4_gptq"].stats["kld"]["mean"] == pytest.approx(cpu.formats["int4_gptq"].stats["kld"]["mean"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_streamed_smollm2_equals_the_in_memory_audit(smollm2, shared_dir):
+    """SmolLM2 (30 layers, 49k vocabulary, tied lm_head), read from its cached safetensors: mean KLD, PPL,
+    PPL ratio and top-1 equal the in-memory path's to 1e-5 relative, for a weight-only, a static-activation
+    and an AWQ format. Per-token values differ by float32 rounding through 30 layers (batches are summed in
+    another order), so the KLD percentiles, small numbers near 0.01 at the low end, agree to 1e-5 absolute."""
+    from quantaudit.data import load_windows
+
+    windows = load_windows(shared_dir / "data" / "wikitext2_raw_test.txt", smollm2.tokenizer, 128, 3)
+    calib = load_windows(shared_dir / "data" / "wikitext2_valid_tokens.txt", smollm2.tokenizer, 128, 3, role="calib")
+    specs = {f: QuantSpec(format=f, group_size=64, calib_batch=2, awq=AWQOptions(n_grid=3))
+             for f in ("int8_wo", "fp8", "int4_awq")}
+    result, _ = _streamed(smollm2.source, specs, calib, windows, budget=2**40, batch_size=2)
+    baseline = build_baseline(smollm2, windows, use_cache=False, batch_size=2)
+    assert result.baseline["ppl"] == pytest.approx(baseline.ppl["ppl"], rel=REL)
+    for fmt, spec in specs.items():
+        qm = quantize(smollm2.model, spec, calib, progress=False)
+        streamed, in_memory = result.formats[fmt].stats, compare_to_baseline(baseline, qm.model, windows, batch_size=2)
+        for key in ("ppl", "ppl_ratio", "top1"):
+            assert streamed[key] == pytest.approx(in_memory[key], rel=REL), (fmt, key)
+        assert streamed["kld"]["mean"] == pytest.approx(in_memory["kld"]["mean"], rel=REL), fmt
+        for name, value in in_memory["kld"].items():
+            assert streamed["kld"][name] == pytest.approx(value, abs=1e-5), (fmt, name)
+        assert streamed["tokens"] == in_memory["tokens"]
+        assert result.formats[fmt].qm.weight_bytes() == qm.weight_bytes()

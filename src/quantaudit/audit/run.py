@@ -35,7 +35,7 @@ from ..evaluate import build_baseline, compare_to_baseline
 from ..fileio import atomic_write_json, atomic_write_text
 from ..models import LoadedModel, load_model
 from ..progress import console
-from ..quant import QuantSpec, quantize
+from ..quant import GPTQOptions, QuantSpec, quantize
 from ..quant.formats import get_format
 from ..quant.plan import load_plan
 from ..tasks import compare_task_results, evaluate_task, load_task, tasks_summary
@@ -103,7 +103,8 @@ class Candidate:
 def candidates(settings: AuditSettings, model: torch.nn.Module) -> list[Candidate]:
     """The uniform ``--formats``, then the ``--plan`` (TensorRT-LLM ``MIXED_PRECISION``) if given."""
     common = {"kv_cache": settings.kv_cache, "kv_scales": settings.kv_scales, "group_size": settings.group_size,
-              "exclude": tuple(settings.exclude), "include_lm_head": settings.include_lm_head}
+              "exclude": tuple(settings.exclude), "include_lm_head": settings.include_lm_head,
+              "smoothquant_alpha": settings.smoothquant_alpha, "gptq": GPTQOptions(act_order=settings.act_order)}
     out = [Candidate(name, QuantSpec(format=name, **common), get_format(name).description,
                      get_format(name).trtllm_quant_algo) for name in settings.formats]
     if settings.plan:

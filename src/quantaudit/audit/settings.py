@@ -5,6 +5,7 @@ Kept free of torch imports so ``quantaudit --help`` stays instant.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,8 @@ class AuditSettings:
     group_size: int = 128
     exclude: list[str] = field(default_factory=list)
     include_lm_head: bool = False
+    smoothquant_alpha: float | str = 0.5  # or "search" (quant.smoothquant)
+    act_order: bool = False  # GPTQ
     plan: str | None = None  # a mixed-precision plan file (quant.plan), audited next to the formats
     budget: str = DEFAULT_BUDGET
     top_k: int | None = None  # None: exact full-vocabulary baseline (quantaudit.baseline); K: top-K lower bound
@@ -79,3 +82,25 @@ def validate(settings: AuditSettings) -> list[Limit]:
     if settings.stream_ram_mb is not None and settings.stream_ram_mb < 0:
         raise UserError(f"--stream-ram must be 0 or more MiB (got {settings.stream_ram_mb})")
     return parse_budget(settings.budget)
+
+
+def smoothquant_alpha(text: str) -> float | str:
+    """``--smoothquant-alpha``: a migration strength in [0, 1], or ``search``."""
+    if text == "search":
+        return text
+    try:
+        alpha = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1] or 'search', not {text!r}") from None
+    if not 0 <= alpha <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], not {alpha}")
+    return alpha
+
+
+def add_algorithm_arguments(p: argparse.ArgumentParser) -> None:
+    """The algorithm knobs ``audit`` and ``export`` share, so an export can repeat what was audited."""
+    p.add_argument("--smoothquant-alpha", type=smoothquant_alpha, default=AuditSettings.smoothquant_alpha, metavar="A",
+                   help="SmoothQuant migration strength (the paper's and ModelOpt's 0.5), or 'search' for a per-layer "
+                        "grid search on the calibration data (default: %(default)s)")
+    p.add_argument("--act-order", action="store_true",
+                   help="GPTQ: quantize columns in order of decreasing Hessian diagonal, with static groups")

@@ -19,7 +19,7 @@ EXAMPLE = ("example:\n  quantaudit export --model smollm2-135m --format fp8 --kv
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    from ..audit.settings import AuditSettings
+    from ..audit.settings import AuditSettings, add_algorithm_arguments
     from ..quant.formats import KV_CACHE_FORMATS, KV_SCALES
     from .build import BuildSettings
 
@@ -40,6 +40,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", default="", help="fnmatch patterns of layers to keep unquantized, comma-separated")
     p.add_argument("--include-lm-head", action="store_true",
                    help="quantize lm_head too (refused where TensorRT-LLM keeps it unquantized)")
+    add_algorithm_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to create")
     p.add_argument("--target", default="trtllm", choices=["trtllm", "hf"],
                    help="trtllm: TensorRT-LLM checkpoint; hf: ModelOpt unified HF folder (default: %(default)s)")
@@ -61,7 +62,7 @@ def run_export(args: argparse.Namespace) -> int:
     from ..data import load_windows
     from ..models import load_model
     from ..progress import console
-    from ..quant import QuantSpec, quantize
+    from ..quant import GPTQOptions, QuantSpec, quantize
     from ..quant.engine import GROUP_SIZES
     from ..quant.formats import get_format, get_kv_cache_format
     from ..quant.plan import check_layers, read_plan
@@ -91,7 +92,8 @@ def run_export(args: argparse.Namespace) -> int:
         check_trtllm_kv(args.kv_cache, args.kv_scales)
     spec = QuantSpec(format=fmt, kv_cache=args.kv_cache, kv_scales=args.kv_scales, group_size=args.group_size, plan=plan,
                      exclude=tuple(p.strip() for p in args.exclude.split(",") if p.strip()),
-                     include_lm_head=args.include_lm_head)
+                     include_lm_head=args.include_lm_head, smoothquant_alpha=args.smoothquant_alpha,
+                     gptq=GPTQOptions(act_order=args.act_order))
     lm = load_model(args.model, device=args.device)
     if mixed:
         check_layers(mixed, lm.model, f"plan file {args.plan}")

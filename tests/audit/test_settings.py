@@ -1,0 +1,16 @@
+"""AuditSettings: what the audit flags turn into."""
+
+from __future__ import annotations
+
+
+def test_algorithm_flags_reach_every_candidates_spec():
+    """--smoothquant-alpha, --act-order and --include-lm-head shape what is quantized (and are in the resume key)."""
+    from quantaudit.audit.run import candidates
+    from quantaudit.audit.settings import AuditSettings
+
+    plain = AuditSettings(formats=["int8_sq", "int4_gptq"])
+    tuned = AuditSettings(formats=["int8_sq", "int4_gptq"], smoothquant_alpha=0.8, act_order=True, include_lm_head=True)
+    specs = [c.spec for c in candidates(tuned, None)]
+    assert [(s.smoothquant_alpha, s.gptq.act_order, s.include_lm_head) for s in specs] == [(0.8, True, True)] * 2
+    assert [c.spec.gptq.act_order for c in candidates(plain, None)] == [False, False]
+    assert plain.fingerprint() != tuned.fingerprint()
