@@ -3,7 +3,7 @@
 A streamed audit is judged by its peak resident memory (bench/bench_stream.py). glibc keeps freed
 heap memory for reuse instead of returning it, so a large transient (the Rust tokenizer's per-token
 records while a whole text file is tokenized; a streamed audit's few-MiB temporaries) would stay
-resident for the rest of the run. Both helpers do nothing where the C library is not glibc.
+resident for the rest of the run. The two glibc calls do nothing where the C library is not glibc.
 """
 
 from __future__ import annotations
@@ -16,6 +16,14 @@ MMAP_THRESHOLD = 2**20
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
+def _glibc(name: str):
+    """The C library function ``name``, or None where this C library has none (not glibc)."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def return_large_frees() -> bool:
     """Have glibc serve every allocation of ``MMAP_THRESHOLD`` bytes or more by its own mmap, so freeing it
     returns the memory to the system. By default glibc raises that threshold to the largest block freed so
@@ -23,11 +31,8 @@ def return_large_frees() -> bool:
     come from the heap, where the small tensors that outlive them pin the freed space, and the resident
     memory grew by ~4 MiB per block of logits (SmolLM2) until it held every block ever computed. Returns
     False where the C library has no ``mallopt`` (not glibc): nothing to do there."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def available_memory() -> int | None:
@@ -60,8 +65,5 @@ def trim_heap() -> bool:
     """Return the free pages of glibc's heaps to the system (``malloc_trim(0)``), e.g. after tokenizing a
     large text: the Rust tokenizer's per-token records (~500 bytes a token) are freed but stay resident
     otherwise. False where there is no ``malloc_trim``."""
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    return bool(malloc_trim(0))
+    malloc_trim = _glibc("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))
