@@ -70,20 +70,25 @@ def test_second_build_reads_the_cache_and_gives_identical_chunks(stories, window
 def test_recomputed_log_probs_are_kept_in_ram_up_to_the_budget(stories, windows, cache, monkeypatch):
     import quantaudit.baseline as module
 
+    loads, load_file = [], module.load_file
+    monkeypatch.setattr(module, "load_file", lambda path, **kw: loads.append(path.name) or load_file(path, **kw))
     built = build_baseline(stories, windows, batch_size=1)
+    assert sorted(built._kept) == [0, 1, 2]  # kept from the build's own forward pass, within the default budget
     first = list(built.chunks())
-    assert sorted(built._kept) == [0, 1, 2]  # the default budget holds these three windows
-    assert first[0].nbytes == first[0].topk_logprobs.nbytes + first[0].target_logprob.nbytes
+    assert loads == []  # the first reader recomputes nothing
+    assert first[0].nbytes == sum(t.nbytes for t in (first[0].topk_logprobs, first[0].target_logprob, first[0].argmax))
     fresh = open_baseline(built.path)
+    assert fresh._kept == {}
     fresh.keep_bytes = first[0].nbytes  # room for window 0 only
     read = list(fresh.chunks())
     assert list(fresh._kept) == [0]
-    loads, load_file = [], module.load_file
-    monkeypatch.setattr(module, "load_file", lambda path, **kw: loads.append(path.name) or load_file(path, **kw))
+    loads.clear()
     again = list(fresh.chunks())
     assert loads == ["window_00001.safetensors", "head.safetensors", "window_00002.safetensors"]
-    for a, b, c in zip(first, read, again, strict=True):  # kept or recomputed: the same numbers
-        assert torch.equal(a.topk_logprobs, b.topk_logprobs) and torch.equal(a.topk_logprobs, c.topk_logprobs)
+    for a, b, c in zip(first, read, again, strict=True):  # kept from the build or recomputed: the same numbers
+        for name in ("topk_logprobs", "target_logprob", "argmax"):
+            assert torch.equal(getattr(a, name), getattr(b, name)) and torch.equal(getattr(a, name), getattr(c, name))
+        assert torch.equal(a.argmax, a.topk_logprobs.argmax(-1))
 
 
 @pytest.mark.parametrize("damage", ["no meta.json", "missing window", "missing head", "bad json"])

@@ -27,8 +27,10 @@ exist: a killed run never leaves a folder that is read as valid (its ``.tmp-*`` 
 read, and a later build removes it once a day old). Chunks are read back one window at a time,
 so memory stays flat however many windows there are, except for the recomputed log-probs of
 exact windows, which a :class:`Baseline` keeps in RAM up to ``KEEP_BYTES`` (2 GiB: 16 windows of
-512 tokens at SmolLM2's vocabulary) so that every candidate after the first reads them instead of
-recomputing the output layer and its softmax; windows beyond the budget are recomputed each time.
+512 tokens at SmolLM2's vocabulary) so that candidates read them instead of recomputing the output
+layer and its softmax; windows beyond the budget are recomputed each time. A freshly built baseline
+starts with the log-probs of its own forward pass kept, so even the first candidate recomputes
+nothing; one read from disk keeps them from its first candidate on.
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ class BaselineWriter:
         self.tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         self.files: list[str] = []
         self.storage: set[str] = set()
+        self.kept: dict[int, BaselineChunk] = {}
         self.ppl = PerplexityAccumulator()
         self.started = time.perf_counter()
 
@@ -181,11 +184,15 @@ class BaselineWriter:
         self._add("logprobs" if chunk.topk_ids is None else "topk", tensors, chunk.target_logprob)
 
     def add_hidden(self, head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
-                   target_logprob: torch.Tensor) -> None:
-        """Store a window as output-layer inputs [T, d] (exact; ``head`` is saved with the first one)."""
+                   chunk: BaselineChunk) -> None:
+        """Store a window as output-layer inputs [T, d] (exact; ``head`` is saved with the first one);
+        ``chunk``, the window's exact log-probs from the same forward pass, is kept in RAM within
+        ``KEEP_BYTES`` for the baseline's first readers."""
         if "hidden" not in self.storage:
             _save({"weight": head.weight} | ({} if head.bias is None else {"bias": head.bias}), self.tmp / HEAD_FILE)
-        self._add("hidden", {"hidden": hidden, "targets": targets.to(torch.int32)}, target_logprob)
+        self._add("hidden", {"hidden": hidden, "targets": targets.to(torch.int32)}, chunk.target_logprob)
+        if sum(c.nbytes for c in self.kept.values()) + chunk.nbytes <= KEEP_BYTES:
+            self.kept[len(self.files) - 1] = chunk
 
     def commit(self) -> Baseline:
         seconds = time.perf_counter() - self.started
@@ -194,7 +201,7 @@ class BaselineWriter:
                 "ppl": summary, "seconds": seconds, "tokens_per_s": summary["tokens"] / seconds}
         (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if self.target is None:
-            baseline = Baseline(self.tmp, meta)
+            baseline = Baseline(self.tmp, meta, _kept=self.kept)
             weakref.finalize(baseline, shutil.rmtree, self.tmp, True)
             return baseline
         if self.target.exists():  # an incomplete or stale folder under our key: never valid, replace it
@@ -207,7 +214,7 @@ class BaselineWriter:
             if found is None:
                 raise
             return found
-        return Baseline(self.target, meta)
+        return Baseline(self.target, meta, _kept=self.kept)
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

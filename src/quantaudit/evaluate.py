@@ -18,7 +18,7 @@ import torch
 from .baseline import Baseline, BaselineWriter, baseline_key, baselines_root, open_baseline
 from .data import Windows
 from .errors import UserError
-from .metrics import PairedAccumulator, PerplexityAccumulator, summarize_logits, target_nll
+from .metrics import PairedAccumulator, PerplexityAccumulator, summarize_logits
 from .models import LoadedModel
 from .progress import track
 
@@ -135,7 +135,7 @@ def build_baseline(loaded_model: LoadedModel, windows: Windows, k: int | None = 
             for row, (rows, targets) in enumerate(_scored(windows, part, logits)):
                 if as_hidden:
                     hidden = head.hidden[row, : rows.shape[0]]
-                    writer.add_hidden(head.head, hidden, targets, -target_nll(rows, targets))
+                    writer.add_hidden(head.head, hidden, targets, summarize_logits(rows, targets))
                 else:
                     writer.add_chunk(summarize_logits(rows, targets, top_k))
         return writer.commit()

@@ -68,12 +68,15 @@ class BaselineChunk:
 
     ``topk_logprobs`` [T, K] float32, descending, with ``topk_ids`` [T, K] (int32/int64); or, in
     exact mode (``topk_ids is None``), all V log-probs [T, V] in vocabulary order.
-    ``target_logprob`` [T] float32 is the exact base log-prob of the next token.
+    ``target_logprob`` [T] float32 is the exact base log-prob of the next token. ``argmax`` [T]
+    is the base model's top token, taken once when the chunk is made: a baseline reused for N
+    candidates then does not repeat a pass over the vocabulary per candidate.
     """
 
     topk_logprobs: torch.Tensor
     topk_ids: torch.Tensor | None
     target_logprob: torch.Tensor
+    argmax: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -86,16 +89,18 @@ class BaselineChunk:
 
     @property
     def nbytes(self) -> int:
-        ids = 0 if self.topk_ids is None else self.topk_ids.nbytes
-        return self.topk_logprobs.nbytes + ids + self.target_logprob.nbytes
+        extra = [t.nbytes for t in (self.topk_ids, self.argmax) if t is not None]
+        return self.topk_logprobs.nbytes + self.target_logprob.nbytes + sum(extra)
 
     def top1(self) -> torch.Tensor:
         """The base model's argmax token at each position."""
+        if self.argmax is not None:
+            return self.argmax
         return self.topk_logprobs.argmax(-1) if self.topk_ids is None else self.topk_ids[:, 0].long()
 
     def to(self, device) -> "BaselineChunk":
-        ids = None if self.topk_ids is None else self.topk_ids.to(device)
-        return BaselineChunk(self.topk_logprobs.to(device), ids, self.target_logprob.to(device))
+        ids, argmax = (None if t is None else t.to(device) for t in (self.topk_ids, self.argmax))
+        return BaselineChunk(self.topk_logprobs.to(device), ids, self.target_logprob.to(device), argmax)
 
 
 def summarize_logits(logits: torch.Tensor, targets: torch.Tensor, k: int | None = None) -> BaselineChunk:
@@ -103,7 +108,7 @@ def summarize_logits(logits: torch.Tensor, targets: torch.Tensor, k: int | None 
     logprobs = F.log_softmax(logits.float(), dim=-1)
     target_logprob = logprobs.gather(-1, targets[:, None].long()).squeeze(-1)
     if k is None or k >= logprobs.shape[-1]:
-        return BaselineChunk(logprobs, None, target_logprob)
+        return BaselineChunk(logprobs, None, target_logprob, logprobs.argmax(-1))
     values, ids = logprobs.topk(k, dim=-1, sorted=True)
     return BaselineChunk(values, ids, target_logprob)
 

@@ -39,3 +39,11 @@ def quantized(stories, calib):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def common(shared_dir):
+    """`quantaudit export` flags for stories260K with a small calibration."""
+    data = str(shared_dir / "data" / "tinystories_sample.txt")
+    return ["--model", str(shared_dir / "models" / "stories260K" / "hf"), "--calib", data, "--calib-size", "2",
+            "--calib-seq", "32"]

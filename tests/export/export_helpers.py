@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import torch
 
@@ -9,6 +11,15 @@ from quantaudit.quant.qlinear import QuantLinear
 
 FORMATS = ("fp8", "fp8_pc_pt", "int8_wo", "int4_wo", "int8_sq", "int8_sq_static", "int8_w8a8_nosmooth",
            "int4_awq", "int4_gptq", "w4a8_awq")
+
+
+def parse(*argv) -> argparse.Namespace:
+    """`quantaudit export` arguments, parsed as the CLI does."""
+    from quantaudit.export import add_export_arguments
+
+    parser = argparse.ArgumentParser(prog="quantaudit export")
+    add_export_arguments(parser)
+    return parser.parse_args(list(argv))
 
 
 def logits(model, ids) -> torch.Tensor:

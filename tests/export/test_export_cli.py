@@ -3,30 +3,17 @@ plainly that it cannot build here, and refuses bad input before any slow work.""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
+from export_helpers import parse
 from safetensors.torch import load_file
 
 from quantaudit.data import load_windows
 from quantaudit.errors import UserError
-from quantaudit.export import add_export_arguments, run_export
+from quantaudit.export import run_export
 from quantaudit.quant import QuantSpec, quantize
-
-
-def parse(*argv):
-    parser = argparse.ArgumentParser(prog="quantaudit export")
-    add_export_arguments(parser)
-    return parser.parse_args(list(argv))
-
-
-@pytest.fixture(scope="module")
-def common(shared_dir):
-    data = str(shared_dir / "data" / "tinystories_sample.txt")
-    return ["--model", str(shared_dir / "models" / "stories260K" / "hf"), "--calib", data, "--calib-size", "2",
-            "--calib-seq", "32"]
 
 
 def test_export_quantizes_like_the_audit_and_says_it_cannot_build_here(common, stories, shared_dir, tmp_path, capsys):

@@ -22,7 +22,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import UserError
 from ..fileio import atomic_directory, atomic_write_json, atomic_write_text
-from .build import BuildSettings, build_files
+from .build import EXPORT_RECORD, BuildSettings, build_files
 from .command import add_export_arguments, run_export
 
 TARGETS = ("trtllm", "hf")
@@ -130,7 +130,7 @@ def export_checkpoint(qm, base_config, out_dir: str | Path, target: str = "trtll
         atomic_write_text(tmp / "BUILD.md", build_md)
         atomic_write_text(tmp / "build.sh", build_sh)
         (tmp / "build.sh").chmod((tmp / "build.sh").stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-        atomic_write_text(tmp / "quantaudit_export.json", json.dumps(provenance, indent=2, default=str) + "\n")
+        atomic_write_text(tmp / EXPORT_RECORD, json.dumps(provenance, indent=2, default=str) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer") if target == "trtllm" else str(tmp))
         written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())

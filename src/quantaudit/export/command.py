@@ -51,7 +51,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-input-len", type=int, default=b.max_input_len, help="trtllm-build (default: %(default)s)")
     p.add_argument("--max-output-len", type=int, default=b.max_output_len, help="trtllm-build (default: %(default)s)")
     p.add_argument("--build", action="store_true", help="run build.sh (needs tensorrt_llm and a CUDA GPU)")
-    p.add_argument("--bench", action="store_true", help="run build.sh --bench (trtllm-bench; implies --build)")
+    p.add_argument("--bench", action="store_true",
+                   help="run build.sh --bench (trtllm-bench throughput; implies --build) and store the measured "
+                        "throughput in quantaudit_export.json")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--device", default="cpu", help="torch device for quantization (default: %(default)s)")
     p.epilog = EXAMPLE
@@ -67,7 +69,7 @@ def run_export(args: argparse.Namespace) -> int:
     from ..quant.formats import get_format, get_kv_cache_format
     from ..quant.plan import check_layers, read_plan
     from . import TARGETS, check_output_dir, export_checkpoint
-    from .build import BuildSettings, run_build_script, runtime_missing
+    from .build import BuildSettings, record_bench, run_build_script, runtime_missing
     from .hf import check_hf_request
     from .linears import model_facts
     from .trtllm import check_trtllm_formats, check_trtllm_kv, check_trtllm_request
@@ -121,5 +123,29 @@ def run_export(args: argparse.Namespace) -> int:
         if missing:
             console.print(f"--build/--bench skipped: {missing}; run {result.path}/build.sh where TensorRT-LLM and a GPU are")
             return 0
-        return run_build_script(result.path, bench=args.bench)
+        code = run_build_script(result.path, bench=args.bench)
+        if code:
+            console.print(f"[red]{result.path}/build.sh failed with exit code {code}[/red]: its output is above")
+            return code
+        if args.bench:
+            print_bench(record_bench(result.path), result.path)
     return 0
+
+
+def print_bench(bench: dict, path) -> None:
+    """The trtllm-bench figures as a terminal table."""
+    from rich.table import Table
+
+    from ..progress import console
+    from .build import BENCH_FIGURES, EXPORT_RECORD
+
+    engine, requests = bench["engine"], bench["requests"]
+    table = Table(title=f"trtllm-bench throughput: {engine['backend'] or '?'} backend, {engine['quantization']}, "
+                        f"KV {engine['kv_cache_dtype']}, {bench['gpu'] or 'GPU not reported'}, "
+                        f"{requests['num_requests']} requests")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, what in BENCH_FIGURES.items():
+        table.add_row(what, f"{bench['performance'][key]:,.1f}")
+    console.print(table)
+    console.print(f"stored in {path}/{EXPORT_RECORD} under trtllm_bench")
