@@ -51,3 +51,19 @@ def smollm2():
     from quantaudit.models import load_model
 
     return load_model("smollm2-135m")
+
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, shared_dir):
+    """``tiny_model_dir(name)``: the folder of the tiny model ``name`` of ``tiny_models.TINY_FAMILIES``, built once."""
+    from tiny_models import build_tiny_model
+
+    built: dict[str, Path] = {}
+
+    def build(name: str) -> Path:
+        if name not in built:
+            built[name] = build_tiny_model(name, tmp_path_factory.mktemp(name), STORIES_HF)
+        return built[name]
+
+    return build

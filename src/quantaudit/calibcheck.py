@@ -380,18 +380,31 @@ def check_one(lm, units, calib, eval_windows, baseline, s: CalibCheckSettings) -
             "coverage": coverage}, acc.per_token("kld")
 
 
+def validate(s: CalibCheckSettings, out: Path | None) -> None:
+    """Every flag checked before anything is read or written."""
+    from .audit.settings import check_text_flags
+    from .fileio import check_out_dir
+    from .quant.formats import get_format
+
+    get_format(s.format)
+    if s.group_size not in (64, 128):
+        raise UserError(f"--group-size must be 64 or 128 (what TensorRT-LLM supports), got {s.group_size}")
+    check_text_flags(s)
+    if out is not None:
+        check_out_dir(out, force=True)  # calib_check.json is added to (or replaced in) the folder
+
+
 def calib_check(s: CalibCheckSettings, out: Path | None = None) -> dict:
     """Judge ``s.calib`` (and ``s.calib2``) against ``s.eval``; writes DIR/calib_check.json when ``out`` is given."""
     from .data import load_windows
     from .evaluate import build_baseline
-    from .fileio import atomic_write_json
+    from .fileio import atomic_write_json, output_dir
     from .models import load_model
-    from .quant.formats import get_format
+    from .stream.source import check_model_files
     from .tune.plan import plan_units
 
-    get_format(s.format)
-    if s.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (got {s.batch_size})")
+    validate(s, out)
+    check_model_files(s.model)
     lm = load_model(s.model, device=s.device)
     eval_windows = load_windows(s.eval, lm.tokenizer, s.seq_len, s.windows, s.bos)
     calibs = {"calib": load_windows(s.calib, lm.tokenizer, s.calib_seq, s.calib_size, s.bos, role="calib")}
@@ -413,7 +426,8 @@ def calib_check(s: CalibCheckSettings, out: Path | None = None) -> dict:
                        **kld_check(per_token[better], per_token["calib2" if better == "calib" else "calib"])})
     result["exit_code"] = EXIT_OK if result["verdict"] == "ok" else EXIT_BUDGET_FAILED
     if out is not None:
-        atomic_write_json(Path(out) / "calib_check.json", result)
+        with output_dir(out, merge=True) as work:
+            atomic_write_json(work / "calib_check.json", result)
     return result
 
 

@@ -1,7 +1,8 @@
 """The ``quantaudit`` command line: thin argument parsing over the library.
 
 Every subcommand maps a user's flags onto one library call and prints the result as a table;
-errors a user can fix are one line on stderr with exit code 2, a failed audit budget is 3.
+errors a user can fix are one line on stderr with exit code 2, a failed audit budget is 3; anything
+else is a bug, reported in one line with the path of its saved traceback, exit code 1.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import sys
 
 from . import __version__
-from .errors import EXIT_USAGE, UserError
+from .errors import EXIT_BUG, EXIT_USAGE, UserError, save_traceback
 from .fileio import atomic_write_json
 from .progress import console
 
@@ -26,6 +27,13 @@ models (--model/--base/--candidate): a Hugging Face folder, a .gguf file, or smo
 text (--data/--eval/--calib): .txt (documents split on <|endoftext|>) or .jsonl ({"text": ...});
   omitted, the embedded default text is used (Python's reference docs from the standard library)
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported as one line like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_model_arg(p: argparse.ArgumentParser, flag: str = "--model", default: str | None = "smollm2-135m") -> None:
@@ -61,13 +69,18 @@ def _split(text: str) -> list[str]:
 
 
 def _load_tasks(args):
+    """The flags ``eval`` and ``compare`` share checked, then their tasks read."""
+    from .audit.settings import at_least, check_text_flags
     from .tasks import load_task
 
+    check_text_flags(args)
+    at_least("--limit", args.limit, 1)
+    at_least("--seed", args.seed, 0)
     return [load_task(name, args.task_data, args.limit, args.strict, args.seed) for name in _split(args.tasks)]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="quantaudit",
         description="Quantize a causal LM to TensorRT-LLM formats, audit each against the baseline, "
         "recommend one, and export what was audited.",
@@ -197,8 +210,10 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
     _add_task_args(p)
     p.add_argument("--out", default=out_default, required=out_default is None, metavar="DIR",
                    help="output directory for report.json/.md/.html")
-    p.add_argument("--force", action="store_true", help="overwrite a previous run in --out")
-    p.add_argument("--resume", action="store_true", help="reuse the formats a previous run in --out finished")
+    p.add_argument("--force", action="store_true",
+                   help="replace the previous run in --out (once this one has finished; kept if it fails)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (else the run in --out), reusing the formats it finished")
 
 
 def cmd_audit(args) -> int:
@@ -233,9 +248,11 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate_perplexity
     from .models import load_model
     from .report.terminal import perplexity_table, task_table
+    from .stream.source import check_model_files
     from .tasks import evaluate_task
 
     tasks = _load_tasks(args)
+    check_model_files(args.model)
     lm = load_model(args.model, device=args.device)
     result: dict = {"model": lm.name}
     if args.data or not tasks:
@@ -255,9 +272,12 @@ def cmd_compare(args) -> int:
     from .evaluate import compare_models
     from .models import check_same_tokenizer, load_model
     from .report.terminal import paired_table, task_comparison_table
+    from .stream.source import check_model_files
     from .tasks import compare_task_results, evaluate_task
 
     tasks = _load_tasks(args)
+    check_model_files(args.base)
+    check_model_files(args.candidate)
     base = load_model(args.base, device=args.device)
     cand = load_model(args.candidate, device=args.device)
     check_same_tokenizer(base, cand)
@@ -293,26 +313,37 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done, 3 the audit's budget failed, 2 bad input (one line on stderr),
+    1 a bug (one line naming the saved traceback), 130 interrupted."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # a bad flag: one line and SystemExit(2) (_Parser.error)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    command = f"quantaudit {args.command}"
     try:
         _quiet_libraries()
         return args.func(args)
     except UserError as exc:
-        print(f"quantaudit {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:  # a file the checks above did not foresee (permissions, a full disk): one line, no traceback
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"quantaudit {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"{command}: error: {_one_line(exc.strerror or exc)}{where}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"quantaudit {args.command}: interrupted; finished outputs were kept, nothing half-written",
+        print(f"{command}: interrupted; --out was left as it was (finished formats of an audit are kept for --resume)",
               file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, and the traceback saved for the bug report
+        print(f"{command}: internal error, this is a bug ({type(exc).__name__}: {_one_line(exc)[:200]}); "
+              f"please report it with the traceback saved in {save_traceback(args.command)}", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -102,6 +102,8 @@ def default_documents(role: str) -> list[str]:
 def read_documents(path: str | Path) -> list[str]:
     """Read a ``.txt`` file (documents split on ``<|endoftext|>``) or ``.jsonl`` (``{"text": ...}`` per line)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a .txt or .jsonl text file")
     if not path.is_file():
         raise UserError(f"text file not found: {path}")
     try:
@@ -179,10 +181,11 @@ def load_windows(
     packs all documents into one stream and cuts full ``seq_len`` samples, so no calibration
     statistic ever includes padding.
     """
+    flag = "--calib-seq" if role == "calib" else "--seq-len"
     if seq_len < 2:
-        raise UserError(f"--seq-len must be at least 2 (got {seq_len})")
+        raise UserError(f"{flag} must be at least 2 (got {seq_len})")
     if n_windows is not None and n_windows < 1:
-        raise UserError(f"the number of windows must be at least 1 (got {n_windows})")
+        raise UserError(f"{'--calib-size' if role == 'calib' else '--windows'} must be at least 1 (got {n_windows})")
     if source is None or str(source) == DEFAULT_TEXT_NAME:
         docs, name = default_documents(role), f"{DEFAULT_TEXT_NAME}:{role}"
     else:
@@ -192,7 +195,6 @@ def load_windows(
     del docs
     trim_heap()  # the tokenizer's per-token records are freed but would stay resident (quantaudit.memory)
     total = sum(len(ids) for ids in tokenized)
-    flag = "--calib-seq" if role == "calib" else "--seq-len"
     if total < seq_len:
         raise UserError(
             f"{name} has {total} tokens, fewer than one window of {seq_len}: give more text or a smaller {flag}"

@@ -130,8 +130,9 @@ def test_plan_is_audited_as_quantized_and_a_changed_plan_is_recomputed_on_resume
     from quantaudit.evaluate import compare_models
     from quantaudit.quant import QuantSpec, quantize
 
-    layers = {"model.layers.0.self_attn.q_proj": "int8_wo", "model.layers.1.mlp.gate_proj": "fp8",
-              "model.layers.2.self_attn.o_proj": "int4_wo"}
+    layers = {"model.layers.0.self_attn.q_proj": "int8_wo", "model.layers.0.self_attn.k_proj": "int8_wo",
+              "model.layers.0.self_attn.v_proj": "int8_wo", "model.layers.1.mlp.gate_proj": "fp8",
+              "model.layers.1.mlp.up_proj": "fp8", "model.layers.2.self_attn.o_proj": "int4_wo"}
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps({"plan": layers}))
     settings = _settings(shared_dir, formats=[], plan=str(plan_file), windows=4, sensitivity="none", drift_windows=0)

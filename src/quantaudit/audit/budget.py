@@ -6,6 +6,7 @@ measured value that failed.
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -57,9 +58,12 @@ def parse_budget(text: str) -> list[Limit]:
         if metric not in METRICS:
             raise UserError(f"unknown budget metric {metric!r}; {GRAMMAR}")
         try:
-            limits.append(Limit(metric, op, float(value)))
+            number = float(value)
         except ValueError:
             raise UserError(f"budget value {value!r} is not a number; {GRAMMAR}") from None
+        if not math.isfinite(number):
+            raise UserError(f"budget value {value!r} is not a finite number; {GRAMMAR}")
+        limits.append(Limit(metric, op, number))
     if not limits:
         raise UserError(f"empty budget; {GRAMMAR}")
     return limits

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..arch import architecture
 from ..data import Windows
 from ..progress import track
 from .sensitivity import decoder_index
@@ -31,7 +32,6 @@ INT8_RISK_RATIO = 127 / 8
 FP8_RISK_RATIO = 448 / 2**-6
 # Past this ratio even SmoothQuant at alpha=0.5 leaves sqrt(ratio) spread in the activations.
 KEEP_HIGH_PRECISION_RATIO = 1024.0
-SMOOTHABLE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 TOP_CHANNELS = 8
 
 
@@ -60,7 +60,7 @@ class _Moments:
         return central4 / (var * var)
 
 
-def _remedy(name: str, ratio: float) -> tuple[str, str]:
+def _remedy(smoothable: bool, ratio: float) -> tuple[str, str]:
     if ratio < INT8_RISK_RATIO:
         return "ok", "per-tensor INT8/FP8 activations are fine here"
     if ratio >= KEEP_HIGH_PRECISION_RATIO:
@@ -68,7 +68,7 @@ def _remedy(name: str, ratio: float) -> tuple[str, str]:
             f"keep this layer in higher precision (ratio {ratio:.0f} is beyond what smoothing can even out), "
             "or use per-token dynamic activations (fp8_pc_pt, int8_sq)"
         )
-    if name.rsplit(".", 1)[-1] in SMOOTHABLE:
+    if smoothable:
         return "clip_risk", "SmoothQuant (int8_sq) migrates these channels into the weights; or per-token activations"
     return "clip_risk", "no exact place to fold a smoothing scale: use per-token activations or keep it in higher precision"
 
@@ -77,6 +77,7 @@ def _remedy(name: str, ratio: float) -> tuple[str, str]:
 def activation_outliers(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], calib: Windows,
                         batch_size: int = 4) -> list[dict]:
     """Per-linear-input outlier statistics on ``calib``, worst (highest ratio) first."""
+    arch = architecture(model)
     device = next(model.parameters()).device
     stats = {name: _Moments(torch.zeros(m.in_features, device=device)) for name, m in linears.items()}
     hooks = [
@@ -96,7 +97,8 @@ def activation_outliers(model: torch.nn.Module, linears: dict[str, torch.nn.Line
         median = float(cmax.median().clamp_min(1e-12))
         ratio = float(cmax.max()) / median
         top = torch.topk(cmax, min(TOP_CHANNELS, cmax.numel()))
-        flag, remedy = _remedy(name, ratio)
+        found = arch.group_of(name)
+        flag, remedy = _remedy(found is not None and found[0].smoothable, ratio)
         report.append({
             "name": name,
             "decoder_layer": decoder_index(name),

@@ -6,9 +6,14 @@ Order of work, chosen so that everything shared is computed once:
 2. the activation-outlier audit on the calibration windows (base model, once);
 3. per format: quantize (calibrated on the user's text), paired statistics against the cached
    baseline, decoder-layer and linear-layer drift, per-layer sensitivity, memory, verdict.
-   Each finished format is saved to ``DIR/formats/NAME.json`` at once (atomically), so an
+   Each finished format is saved to ``formats/NAME.json`` at once (atomically), so an
    interrupted audit loses at most the format in flight and ``--resume`` picks up from there;
 4. the recommendation, then ``report.json``, ``report.md`` and ``report.html``, each written atomically.
+
+Every input (flags, model, texts, tasks, plan, device) is checked before ``--out`` is touched. The run
+then writes into ``.DIR.incoming`` beside ``DIR`` (:func:`quantaudit.fileio.output_dir`, under a lock),
+which replaces ``DIR`` in one atomic swap when the reports are written: a failed or killed run leaves
+the previous run in ``DIR`` as it was, and its finished formats in ``.DIR.incoming`` for ``--resume``.
 
 A model too large for memory (``--streaming on``, or ``auto`` when it would not fit) is audited by
 :mod:`quantaudit.stream` instead of steps 1-3: one decoder layer at a time from its safetensors files,
@@ -18,7 +23,6 @@ are then reported as not computed.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import json
 import time
@@ -29,15 +33,17 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..arch import architecture, decoder_layers
 from ..data import Windows, load_windows
 from ..errors import EXIT_BUDGET_FAILED, EXIT_OK, UserError
 from ..evaluate import build_baseline, compare_to_baseline
-from ..fileio import atomic_write_json, atomic_write_text
-from ..models import LoadedModel, load_model
+from ..fileio import atomic_write_json, atomic_write_text, check_out_dir, output_dir
+from ..models import LoadedModel, load_model, load_tokenizer
 from ..progress import console
 from ..quant import GPTQOptions, QuantSpec, quantize
 from ..quant.formats import get_format
 from ..quant.plan import load_plan
+from ..stream.source import CheckpointParts, check_model_files
 from ..tasks import compare_task_results, evaluate_task, load_task, tasks_summary
 from .budget import Limit, check_budget
 from .drift import layer_drift
@@ -47,20 +53,8 @@ from .settings import AuditSettings, validate
 
 SENSITIVITY_TOP = 10
 REPORT_FILES = ("report.json", "report.md", "report.html")
-
-
-def prepare_out_dir(out: Path, force: bool, resume: bool) -> None:
-    """Refuse to overwrite another run's report unless asked to."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (force or resume):
-        raise UserError(f"--out {out} already holds another run: pass --force to overwrite or --resume to continue it")
-    if force and not resume:
-        for name in REPORT_FILES:
-            (out / name).unlink(missing_ok=True)
-        for f in (out / "formats").glob("*.json") if (out / "formats").is_dir() else ():
-            f.unlink()
-    (out / "formats").mkdir(parents=True, exist_ok=True)
+OUTPUTS = (*REPORT_FILES, "formats")
+RESUME_HINT = " or --resume to continue the run in it"
 
 
 def _drift_points(model: torch.nn.Module, linear_names: list[str]) -> dict[str, str]:
@@ -109,12 +103,29 @@ def candidates(settings: AuditSettings, model: torch.nn.Module) -> list[Candidat
                      get_format(name).trtllm_quant_algo) for name in settings.formats]
     if settings.plan:
         plan = load_plan(settings.plan, model)
+        check_fused_plan(plan.layers, plan.default, model, f"plan file {settings.plan}")
         counts = Counter(plan.layers.values())
         mix = ", ".join(f"{n} x {fmt}" for fmt, n in counts.most_common())
         out.append(Candidate("plan", QuantSpec(format=plan.default, plan=plan.layers, **common),
                              f"mixed precision from {settings.plan}: {mix}; other layers {plan.default}",
                              "MIXED_PRECISION"))
     return out
+
+
+def check_fused_plan(layers: dict[str, str], default: str, model: torch.nn.Module, where: str) -> None:
+    """TensorRT-LLM runs q/k/v (and gate/up) of one decoder layer as one GEMM, with one format: a plan
+    mixing formats inside one is refused (by ``audit --plan`` as by ``export --plan``)."""
+    arch = architecture(model)
+    for name in layers:
+        found = arch.group_of(name)
+        if found is None or not found[0].fused:
+            continue
+        group, prefix = found
+        formats = {prefix + path: layers.get(prefix + path, default) for path in group.linears}
+        if len(set(formats.values())) > 1:
+            shown = ", ".join(f"{n}={f}" for n, f in formats.items())
+            raise UserError(f"{where} mixes formats inside one fused TensorRT-LLM GEMM ({shown}), which no engine can "
+                            "run: give these linears one format")
 
 
 def format_entry(candidate: Candidate, settings: AuditSettings, qm, stats: dict, quantize_seconds: float,
@@ -194,8 +205,13 @@ def saved_entry(out: Path, candidate: Candidate, key: str) -> dict | None:
     """The entry a previous run in ``out`` finished for ``candidate`` with the same settings, if any (``--resume``)."""
     saved = out / "formats" / f"{candidate.name}.json"
     if saved.is_file():
-        record = json.loads(saved.read_text())
-        if record.get("settings_fingerprint") == key and record["entry"].get("plan") == candidate.spec.plan:
+        try:
+            record = json.loads(saved.read_text(encoding="utf-8"))
+            same = record.get("settings_fingerprint") == key and record["entry"].get("plan") == candidate.spec.plan
+        except (ValueError, AttributeError, KeyError, TypeError):
+            console.print(f"[yellow]{saved} is damaged: {candidate.name} is audited again[/yellow]")
+            return None
+        if same:
             console.print(f"[dim]{candidate.name}: reusing the finished result in {saved}[/dim]")
             return record["entry"]
     return None
@@ -241,20 +257,45 @@ def recommend(formats: list[dict], limits: list[Limit]) -> dict:
     }
 
 
-def _audit_in_memory(settings: AuditSettings, out: Path, limits: list[Limit], resume: bool) -> Audited:
-    lm = load_model(settings.model, device=settings.device)
-    eval_windows = load_windows(settings.eval, lm.tokenizer, settings.seq_len, settings.windows, settings.bos)
-    calib = load_windows(settings.calib, lm.tokenizer, settings.calib_seq, settings.calib_size, settings.bos,
-                         role="calib")
+@dataclass
+class Inputs:
+    """What the in-memory audit reads, loaded and checked before ``--out`` is touched."""
+
+    lm: LoadedModel
+    eval_windows: Windows
+    calib: Windows
+    tasks: list
+    candidates: list[Candidate]
+
+
+def check_inputs(settings: AuditSettings, streamed: bool) -> Inputs | None:
+    """Read and check every input the flags name (tasks, model, texts, plan): a bad one fails here, before
+    anything is written. Returns them for the in-memory audit; the streamed audit reads its own (None)."""
+    tasks = [load_task(t, settings.task_data, settings.task_limit, settings.task_strict, settings.task_seed)
+             for t in settings.tasks]
+    folder = check_model_files(settings.model)
+    if streamed:
+        lm, tokenizer, model = None, load_tokenizer(folder), CheckpointParts(folder, settings.device).skeleton
+    else:
+        lm = load_model(settings.model, device=settings.device)
+        tokenizer, model = lm.tokenizer, lm.model
+    decoder_layers(model)
+    eval_windows = load_windows(settings.eval, tokenizer, settings.seq_len, settings.windows, settings.bos)
+    calib = load_windows(settings.calib, tokenizer, settings.calib_seq, settings.calib_size, settings.bos, role="calib")
+    every = candidates(settings, model)
+    return None if streamed else Inputs(lm, eval_windows, calib, tasks, every)
+
+
+def _audit_in_memory(settings: AuditSettings, inputs: Inputs, out: Path, limits: list[Limit], resume: bool) -> Audited:
+    lm, eval_windows, calib, tasks = inputs.lm, inputs.eval_windows, inputs.calib, inputs.tasks
     baseline = build_baseline(lm, eval_windows, k=settings.top_k, batch_size=settings.batch_size)
     unquantized = quantize(lm.model, QuantSpec(format="none"), None, progress=False)
     linears = {name: lm.model.get_submodule(name) for name in unquantized.layers}
     outliers = activation_outliers(lm.model, {n: m for n, m in linears.items() if n != "lm_head"}, calib)
-    tasks = [load_task(t, settings.task_data, settings.task_limit, settings.task_strict, settings.task_seed) for t in settings.tasks]
     base_task_results = [evaluate_task(lm.model, lm.tokenizer, task, bos=settings.bos) for task in tasks]
     key = settings.fingerprint()
     formats = []
-    for candidate in candidates(settings, lm.model):
+    for candidate in inputs.candidates:
         entry = saved_entry(out, candidate, key) if resume else None
         if entry is None:
             console.print(f"[bold]{candidate.name}[/bold]: {candidate.description}")
@@ -274,19 +315,25 @@ def _audit_in_memory(settings: AuditSettings, out: Path, limits: list[Limit], re
 
 def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: bool = False) -> dict:
     """Run the whole audit and write the report files; returns the report dict. Layer by layer from the
-    safetensors files (:mod:`quantaudit.stream`) with ``settings.streaming`` on, or auto and too big for memory."""
-    limits = validate(settings)
-    if settings.gpu:
-        from ..advise.hardware import load_hardware
-
-        load_hardware().gpu(settings.gpu)  # an unknown GPU fails now, not after the audit
-    prepare_out_dir(out, force, resume)
+    safetensors files (:mod:`quantaudit.stream`) with ``settings.streaming`` on, or auto and too big for memory.
+    Every input is checked first; ``out`` changes only when the reports are written (module docstring)."""
     from ..stream.audit import audit_streamed, use_streaming
 
-    if use_streaming(settings):
-        audited = audit_streamed(settings, out, limits, resume)
-    else:
-        audited = _audit_in_memory(settings, out, limits, resume)
+    limits = validate(settings)
+    check_out_dir(out, force or resume, OUTPUTS, RESUME_HINT)
+    streamed = use_streaming(settings)
+    inputs = check_inputs(settings, streamed)
+    with output_dir(out, force, resume, OUTPUTS, keep_partial=True, hint=RESUME_HINT) as work:
+        (work / "formats").mkdir(exist_ok=True)
+        if streamed:
+            audited = audit_streamed(settings, work, limits, resume)
+        else:
+            audited = _audit_in_memory(settings, inputs, work, limits, resume)
+        return _report(settings, audited, limits, work)
+
+
+def _report(settings: AuditSettings, audited: Audited, limits: list[Limit], out: Path) -> dict:
+    """The recommendation and the report, written to ``out`` (report.json last)."""
     formats = audited.formats
     for entry in formats:  # the budget may have changed since a resumed format was saved
         entry["failed"] = check_budget(entry, limits)

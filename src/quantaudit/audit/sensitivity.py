@@ -20,11 +20,11 @@ import torch
 from ..data import Windows
 from ..metrics import summarize_logits, token_statistics
 from ..progress import track
-from ..quant.calibrate import decoder_layers
+from ..arch import architecture, decoder_layers
 
 
 def decoder_stack(model: torch.nn.Module):
-    """(decoder layers ModuleList, final norm, lm_head) of a Llama-family HF causal LM."""
+    """(decoder layers ModuleList, final norm, lm_head) of a causal LM of a family in :mod:`quantaudit.arch`."""
     return decoder_layers(model), model.model.norm, model.lm_head
 
 
@@ -81,6 +81,7 @@ def sensitivity_kld(base: torch.nn.Module, swaps: dict[str, dict[str, torch.nn.M
     quantize just that part.
     """
     layers, norm, lm_head = decoder_stack(base)
+    arch = architecture(base)
     device = next(base.parameters()).device
     totals = {name: 0.0 for name in swaps}
     tokens = 0
@@ -116,6 +117,6 @@ def sensitivity_kld(base: torch.nn.Module, swaps: dict[str, dict[str, torch.nn.M
                     args, kwargs = inputs[j]
                     out = layers[j](hidden, *args[1:], **{k: v for k, v in kwargs.items() if k != "hidden_states"})
                     hidden = out[0] if isinstance(out, tuple) else out
-                logits = lm_head(norm(hidden))[0, :-1]
+                logits = arch.final_logits(base.config, lm_head(norm(hidden)))[0, :-1]
             totals[name] += float(token_statistics(reference, logits, targets)["kld"].double().sum())
     return {name: total / tokens for name, total in totals.items()}

@@ -64,8 +64,55 @@ class AuditSettings:
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def at_least(flag: str, value: float | None, minimum: float) -> None:
+    """A numeric flag's range (None: not given)."""
+    if value is not None and not value >= minimum:
+        raise UserError(f"{flag} must be at least {minimum:g} (got {value})")
+
+
+def check_text_flags(s) -> None:
+    """The window flags every quantizing command shares (``calib_size``, ``calib_seq``, ``windows``, ``seq_len``,
+    ``batch_size``; absent ones skipped), then the device."""
+    for flag, low in (("--calib-size", 1), ("--calib-seq", 2), ("--windows", 1), ("--seq-len", 2), ("--batch-size", 1)):
+        at_least(flag, getattr(s, flag[2:].replace("-", "_"), None), low)
+    check_device(s.device)
+
+
+def check_device(device: str) -> None:
+    """``--device`` names a torch device this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"--device {device!r} is not a torch device: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"numbered from 0")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {device}: Apple MPS is not available on this machine; use --device cpu")
+    else:
+        raise UserError(f"--device {device}: quantaudit runs on cpu, cuda or mps, not {dev.type}")
+
+
 def validate(settings: AuditSettings) -> list[Limit]:
-    """Check every user-given choice before any slow work starts."""
+    """Check every flag (formats, ranges, budget, GPU name, device) before anything is read or written."""
+    check_text_flags(settings)
+    for flag, value, low in (("--top-k", settings.top_k, 1), ("--drift-windows", settings.drift_windows, 0),
+                             ("--sensitivity-windows", settings.sensitivity_windows, 1),
+                             ("--stream-ram", settings.stream_ram_mb, 0), ("--limit", settings.task_limit, 1),
+                             ("--seed", settings.task_seed, 0)):
+        at_least(flag, value, low)
+    if settings.gpu:
+        from ..advise.hardware import load_hardware
+
+        load_hardware().gpu(settings.gpu)  # an unknown GPU fails now, not after the audit
     for name in settings.formats:
         get_format(name)
     if not settings.formats and not settings.plan:
@@ -79,8 +126,6 @@ def validate(settings: AuditSettings) -> list[Limit]:
         raise UserError("--sensitivity-granularity must be linear, decoder or none")
     if settings.streaming not in STREAMING_MODES:
         raise UserError(f"--streaming must be {', '.join(STREAMING_MODES)} (got {settings.streaming!r})")
-    if settings.stream_ram_mb is not None and settings.stream_ram_mb < 0:
-        raise UserError(f"--stream-ram must be 0 or more MiB (got {settings.stream_ram_mb})")
     return parse_budget(settings.budget)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import UserError
-from ..fileio import atomic_directory, atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text, check_out_dir, output_dir
 from .build import EXPORT_RECORD, BuildSettings, build_files
 from .command import add_export_arguments, run_export
 
@@ -40,33 +39,16 @@ class ExportResult:
 
 
 def check_output_dir(out: str | Path, force: bool) -> Path:
-    """Refuse an existing non-empty folder unless ``force`` (checked before any slow work)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {out} exists and is not empty; choose another folder or pass --force to replace it")
-    return out
+    """Refuse a file, or an existing non-empty folder unless ``force`` (checked before any slow work)."""
+    return check_out_dir(out, force)
 
 
 @contextmanager
 def _fresh_directory(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary folder that becomes ``out``; a replaced ``out`` is restored if writing fails."""
-    check_output_dir(out, force)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        with atomic_directory(out) as tmp:
-            yield tmp
-            _usual_permissions(tmp)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """A folder that becomes ``out`` (replacing it whole) when the block finishes; ``out`` is untouched if it fails."""
+    with output_dir(out, force) as tmp:
+        yield tmp
+        _usual_permissions(tmp)
 
 
 def _usual_permissions(root: Path) -> None:

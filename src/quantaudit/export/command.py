@@ -61,13 +61,17 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from ..audit.run import check_fused_plan
+    from ..audit.settings import at_least, check_text_flags
     from ..data import load_windows
+    from ..fileio import out_lock
     from ..models import load_model
     from ..progress import console
     from ..quant import GPTQOptions, QuantSpec, quantize
     from ..quant.engine import GROUP_SIZES
     from ..quant.formats import get_format, get_kv_cache_format
     from ..quant.plan import check_layers, read_plan
+    from ..stream.source import check_model_files
     from . import TARGETS, check_output_dir, export_checkpoint
     from .build import BuildSettings, record_bench, run_build_script, runtime_missing
     from .hf import check_hf_request
@@ -75,6 +79,9 @@ def run_export(args: argparse.Namespace) -> int:
     from .trtllm import check_trtllm_formats, check_trtllm_kv, check_trtllm_request
 
     out = check_output_dir(args.out, args.force)
+    check_text_flags(args)
+    for flag in ("--tp", "--max-batch-size", "--max-input-len", "--max-output-len"):
+        at_least(flag, getattr(args, flag[2:].replace("-", "_")), 1)
     mixed = read_plan(args.plan) if args.plan else None
     plan = mixed.layers if mixed else None
     fmt = args.format or (mixed.default if mixed else "none")
@@ -96,19 +103,22 @@ def run_export(args: argparse.Namespace) -> int:
                      exclude=tuple(p.strip() for p in args.exclude.split(",") if p.strip()),
                      include_lm_head=args.include_lm_head, smoothquant_alpha=args.smoothquant_alpha,
                      gptq=GPTQOptions(act_order=args.act_order))
+    check_model_files(args.model)
     lm = load_model(args.model, device=args.device)
     if mixed:
         check_layers(mixed, lm.model, f"plan file {args.plan}")
+        check_fused_plan(mixed.layers, fmt, lm.model, f"plan file {args.plan}")
     if args.target == "trtllm":
         check_trtllm_request(lm.config, args.tp)
     else:
         model_facts(lm.config)
     calib = load_windows(args.calib, lm.tokenizer, args.calib_seq, args.calib_size, args.bos, role="calib")
-    qm = quantize(lm.model, spec, calib)
     settings = BuildSettings(args.max_batch_size, args.max_input_len, args.max_output_len)
-    result = export_checkpoint(qm, lm.config, out, target=args.target, tp=args.tp, dtype=args.dtype, force=args.force,
-                               tokenizer=lm.tokenizer, build=settings,
-                               source={"model": lm.name, "path": lm.source, "fingerprint": lm.fingerprint})
+    with out_lock(out):  # every input checked: --out is this run's until the checkpoint is written
+        qm = quantize(lm.model, spec, calib)
+        result = export_checkpoint(qm, lm.config, out, target=args.target, tp=args.tp, dtype=args.dtype,
+                                   force=args.force, tokenizer=lm.tokenizer, build=settings,
+                                   source={"model": lm.name, "path": lm.source, "fingerprint": lm.fingerprint})
     console.print(f"wrote {result.path} ({result.target}, quant_algo {result.quant_algo}, KV cache "
                   f"{result.kv_cache_quant_algo or 'not quantized'}): {', '.join(result.files)}")
     for note in result.notes:

@@ -47,6 +47,8 @@ class GroupJob:
     stats: InputStats | None
     norm: nn.Module | None = None  # set when the job covers the whole group and a norm feeds it
     norm_name: str | None = None
+    arch: object = None  # arch.Architecture: how a scale folds into ``norm``
+    no_clip: tuple[str, ...] = ()  # linears the AWQ clip search skips (Architecture.no_clip)
 
 
 @dataclass
@@ -107,7 +109,7 @@ class SmoothQuant:
             s = smoothquant.smoothing_scale(job.stats.amax, weights, alpha)
         details = {"alpha": alpha, "smoothing_scale": s}  # s: x / s feeds W * s
         if job.norm is not None:
-            job.norm.weight.data.div_(s.to(job.norm.weight.dtype))
+            job.norm.weight.data = job.arch.divided_norm_weight(job.norm.weight.data, s)
             pre_quant_scale = None
             details["smoothed_into"] = job.norm_name
         else:
@@ -116,10 +118,6 @@ class SmoothQuant:
         return [
             LinearResult(qw, pre_quant_scale, 1.0 / s, dict(details)) for qw in _round_to_nearest(job, smoothed)
         ]
-
-
-# llm-awq's auto_clip skips the query and key projections: the softmax amplifies their errors.
-AWQ_NO_CLIP = ("q_proj", "k_proj")
 
 
 def _search_quantizer(job: GroupJob):
@@ -150,7 +148,7 @@ class AWQ:
         results = []
         for name, w in zip(job.names, weights):
             scaled = w * s
-            clip = self.clip and not name.endswith(AWQ_NO_CLIP)
+            clip = self.clip and name not in job.no_clip
             amax = (
                 awq.search_clip(xs, scaled, bits=wq.bits, group_size=job.group_size, n_grid=opts.n_grid, max_shrink=opts.max_shrink)
                 if clip

@@ -1,6 +1,7 @@
-"""Where the linears of a Llama-family model sit, and the statistics calibration collects on them.
+"""The statistics calibration collects on a model's linears (where they sit: :mod:`quantaudit.arch`).
 
-Calibration runs layer by layer: the calibration windows are run up to the first decoder layer once;
+Calibration runs layer by layer: the calibration windows are run up to the first decoder layer once
+(recording every layer's own call arguments: masks and rotary embeddings differ between layers);
 then, per layer, the layer is run on the current hidden states with hooks recording the inputs of its
 linears, and the layer is quantized. What the next layer sees depends on the algorithm
 (``quant.algorithms``): static scales, SmoothQuant and AWQ are calibrated on the full-precision
@@ -19,71 +20,17 @@ layer's statistics.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..arch import LinearGroup
 from .gptq import HessianAccumulator
 
 
-@dataclass(frozen=True)
-class LinearGroup:
-    """Linears that read the same input, and the RMSNorm producing it (None: no exact fold)."""
-
-    linears: tuple[str, ...]
-    norm: str | None
-    # TensorRT-LLM runs them as one GEMM (qkv; gate/up in its fused gated MLP and PyTorch backend): one
-    # activation scale and one per-tensor weight scale for all of them (quant.algorithms)
-    fused: bool = False
-
-
-# Paths relative to a decoder layer (HF llama family: Llama, Mistral, Qwen2, SmolLM2, ...).
-DECODER_GROUPS = (
-    LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm", fused=True),
-    LinearGroup(("self_attn.o_proj",), None),
-    LinearGroup(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", fused=True),
-    LinearGroup(("mlp.down_proj",), None),
-)
-# Relative to the causal-LM module.
+# Relative to the causal-LM module: lm_head reads the final norm (its fold rule is the family's, ``arch``).
 LM_HEAD_GROUP = LinearGroup(("lm_head",), "model.norm")
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """``model.model.layers``, checked to hold every Llama-family linear and norm by name.
-
-    Anything else is refused with a UserError naming the linear layers that were found.
-    """
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    problems = []
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        problems.append("no decoder layers at model.model.layers")
-    else:
-        for group in DECODER_GROUPS:
-            for path in group.linears:
-                if not isinstance(_get(layers[0], path), nn.Linear):
-                    problems.append(f"no nn.Linear at model.model.layers.N.{path}")
-            if group.norm and getattr(_get(layers[0], group.norm), "weight", None) is None:
-                problems.append(f"no norm with a weight at model.model.layers.N.{group.norm}")
-    if not isinstance(_get(model, "lm_head"), nn.Linear) or getattr(_get(model, "model.norm"), "weight", None) is None:
-        problems.append("no lm_head linear or final norm at model.model.norm")
-    if problems:
-        found = sorted({re.sub(r"\.\d+\.", ".N.", n) for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        shown = ", ".join(found[:12]) + (", ..." if len(found) > 12 else "") if found else "none"
-        raise UserError(
-            f"cannot quantize {type(model).__name__}: expected a Llama-family layout "
-            f"({problems[0]}); linear layers found: {shown}"
-        )
-    return layers
-
-
-def _get(module: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return module.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 class InputStats:
@@ -120,10 +67,10 @@ class InputStats:
 
 @dataclass
 class LayerInputs:
-    """The calibration hidden states at one depth, batch by batch, with the layer call's kwargs."""
+    """The calibration hidden states at one depth, batch by batch, with every decoder layer's call kwargs."""
 
     hidden: list[torch.Tensor]  # [batch, seq, hidden]
-    kwargs: list[dict]  # position embeddings, mask, ... as the model passes them to its layers
+    layer_kwargs: list[list[dict]]  # [layer][batch]: position embeddings, mask, ... as the model passes them
     masks: list[torch.Tensor]  # [batch, seq] True at real (unpadded) tokens
 
 
@@ -131,20 +78,38 @@ class _Captured(Exception):
     pass
 
 
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index`` while the model runs: records what the model passes to it (the
+    layer's own mask and rotary embedding: Gemma 2/3 and GPT-OSS alternate sliding and global layers) and
+    hands the hidden states on unchanged, so nothing is computed past the embedding."""
+
+    def __init__(self, index: int, last: bool, sink: LayerInputs):
+        super().__init__()
+        self.index, self.last, self.sink = index, last, sink
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("decoder layer called with positional arguments besides the hidden states")
+        if self.index == 0:
+            self.sink.hidden.append(hidden_states.detach())
+        self.sink.layer_kwargs[self.index].append(kwargs)
+        if self.last:
+            raise _Captured
+        return hidden_states
+
+
 @torch.no_grad()
 def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, lengths: torch.Tensor, batch: int) -> LayerInputs:
-    """Run the windows through the embeddings and capture what layer 0 receives (then stop)."""
+    """Run the windows through the embeddings and capture layer 0's input and every layer's call kwargs.
+
+    The layers are replaced by recorders for the duration (the kwargs depend on positions and masks only, not
+    on the hidden states, so each layer's are captured without running any layer); kwargs the layers share
+    are the same tensor objects, held once."""
     device = next(model.parameters()).device
-    captured = LayerInputs([], [], [])
-
-    def grab(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden.detach())
-        captured.kwargs.append(kwargs)
-        raise _Captured
-
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    captured = LayerInputs([], [[] for _ in layers], [])
+    originals = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _Recorder(i, i == len(layers) - 1, captured)
     try:
         for start in range(0, ids.shape[0], batch):
             chunk = ids[start : start + batch].to(device)
@@ -155,7 +120,8 @@ def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tenso
             positions = torch.arange(ids.shape[1], device=device)
             captured.masks.append(positions[None, :] < lengths[start : start + batch, None].to(device))
     finally:
-        handle.remove()
+        for i, layer in enumerate(originals):
+            layers[i] = layer
     return captured
 
 
@@ -164,9 +130,9 @@ def _layer_output(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect(layer: nn.Module, targets: dict[nn.Module, InputStats], inputs: LayerInputs, kv_quantizer=None,
-            advance: bool = False) -> None:
-    """Run ``layer`` on every batch, adding each target linear's real-token inputs to its stats;
+def collect(layer: nn.Module, index: int, targets: dict[nn.Module, InputStats], inputs: LayerInputs,
+            kv_quantizer=None, advance: bool = False) -> None:
+    """Run decoder layer ``index`` on every batch, adding each target linear's real-token inputs to its stats;
     with ``advance``, the outputs of this same pass replace ``inputs`` (one pass instead of two)."""
     current_mask: list[torch.Tensor] = []
 
@@ -176,7 +142,7 @@ def collect(layer: nn.Module, targets: dict[nn.Module, InputStats], inputs: Laye
     handles = [module.register_forward_pre_hook(record(stats)) for module, stats in targets.items()]
     outputs = []
     try:
-        for hidden, kwargs, mask in zip(inputs.hidden, inputs.kwargs, inputs.masks):
+        for hidden, kwargs, mask in zip(inputs.hidden, inputs.layer_kwargs[index], inputs.masks, strict=True):
             current_mask[:] = [mask]
             if kv_quantizer is not None:
                 kv_quantizer.token_mask = mask
@@ -191,6 +157,6 @@ def collect(layer: nn.Module, targets: dict[nn.Module, InputStats], inputs: Laye
 
 
 @torch.no_grad()
-def propagate(layer: nn.Module, inputs: LayerInputs) -> None:
-    """Replace the hidden states by ``layer``'s outputs (the inputs of the next layer)."""
-    inputs.hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+def propagate(layer: nn.Module, index: int, inputs: LayerInputs) -> None:
+    """Replace the hidden states by decoder layer ``index``'s outputs (the inputs of the next layer)."""
+    inputs.hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.layer_kwargs[index], strict=True)]

@@ -34,7 +34,8 @@ from ..data import Windows
 from ..errors import UserError
 from ..progress import track
 from .algorithms import ALGORITHMS, GroupJob
-from .calibrate import DECODER_GROUPS, LM_HEAD_GROUP, InputStats, LinearGroup, collect, decoder_layers, first_layer_inputs, propagate
+from ..arch import Architecture, LinearGroup, architecture
+from .calibrate import LM_HEAD_GROUP, InputStats, collect, first_layer_inputs, propagate
 from .formats import KV_SCALES, KVCacheFormat, QuantFormat, get_format, get_kv_cache_format
 from .kvcache import install_kv_quantizers
 from .qlinear import QuantizedWeight, QuantLinear, activation_scale
@@ -212,13 +213,12 @@ def _group_size_for(in_features: int, requested: int, out_features: tuple[int, .
     return (unpadded or dividing)[0], None
 
 
-def _gemm_out_features(model: nn.Module, name: str) -> tuple[int, ...]:
+def _gemm_out_features(model: nn.Module, arch: Architecture, name: str) -> tuple[int, ...]:
     """Output sizes of the linears TensorRT-LLM runs in one GEMM with ``name`` (q/k/v, gate/up; else itself)."""
-    for group in (g for g in DECODER_GROUPS if g.fused):
-        path = next((p for p in group.linears if name.endswith("." + p)), None)
-        if path is not None:
-            prefix = name[: -len(path)]
-            return tuple(model.get_submodule(prefix + p).out_features for p in group.linears)
+    found = arch.group_of(name)
+    if found is not None and found[0].fused:
+        group, prefix = found
+        return tuple(model.get_submodule(prefix + p).out_features for p in group.linears)
     return (model.get_submodule(name).out_features,)
 
 
@@ -230,7 +230,7 @@ def _block_size_for(in_features: int, fmt: QuantFormat) -> tuple[int | None, str
                   "(TensorRT-LLM's FP4/MX linears need whole blocks); kept unquantized (16-bit)")
 
 
-def _assign(model: nn.Module, names: list[str], spec: QuantSpec) -> dict[str, _Assignment]:
+def _assign(model: nn.Module, arch: Architecture, names: list[str], spec: QuantSpec) -> dict[str, _Assignment]:
     plan = dict(spec.plan or {})
     unknown = sorted(set(plan) - set(names))
     if unknown:
@@ -251,7 +251,7 @@ def _assign(model: nn.Module, names: list[str], spec: QuantSpec) -> dict[str, _A
             raise UserError(f"plan quantizes {name} to {fmt.name}, but {reason.split(';')[0]}")
         group_size = None
         if reason is None and fmt.weight.granularity == "group":
-            group_size, reason = _group_size_for(linear.in_features, spec.group_size, _gemm_out_features(model, name),
+            group_size, reason = _group_size_for(linear.in_features, spec.group_size, _gemm_out_features(model, arch, name),
                                                  fmt.weight.pad_multiple)
         elif reason is None and fmt.weight.block is not None:
             group_size, reason = _block_size_for(linear.in_features, fmt)
@@ -267,7 +267,8 @@ def _needs(fmt: QuantFormat, spec: QuantSpec) -> set[str]:
     return needs
 
 
-def _jobs(root: nn.Module, prefix: str, groups: tuple[LinearGroup, ...], assignments, spec, total_tokens: int):
+def _jobs(root: nn.Module, prefix: str, groups: tuple[LinearGroup, ...], arch: Architecture, assignments, spec,
+          total_tokens: int):
     """Per group of ``root``: the statistics to collect (keyed by the module whose input they watch) and the jobs."""
     stats: dict[nn.Module, InputStats] = {}
     jobs: list[tuple[list[str], GroupJob]] = []
@@ -289,6 +290,7 @@ def _jobs(root: nn.Module, prefix: str, groups: tuple[LinearGroup, ...], assignm
                 fmt=a.fmt, spec=spec, names=[prefix + p for p in paths], linears=[root.get_submodule(p) for p in paths],
                 group_size=a.group_size, fused=group.fused, stats=group_stats,
                 norm=root.get_submodule(group.norm) if whole else None, norm_name=prefix + group.norm if whole else None,
+                arch=arch, no_clip=tuple(prefix + p for p in arch.no_clip),
             )
             jobs.append((paths, job))
     return stats, jobs
@@ -360,6 +362,7 @@ class LayerPlan:
     """What :func:`quantize` does to each linear, decided from shapes alone: a meta-device model will do,
     which is how layer streaming (:mod:`quantaudit.stream`) plans a model it never holds whole."""
 
+    arch: Architecture
     assignments: dict[str, _Assignment]  # every quantizable linear in model order, lm_head last
     kv_format: KVCacheFormat
     calibrating: bool  # a statistic or the KV cache needs calibration text
@@ -383,15 +386,15 @@ def plan_layers(model: nn.Module, spec: QuantSpec, calib: Windows | None) -> Lay
     kv_format = get_kv_cache_format(spec.kv_cache)
     _check_spec(spec)
     _check_kv_cache(getattr(model, "config", None), kv_format)
-    n_layers = len(decoder_layers(model))
-    names = [f"model.layers.{i}.{p}" for i in range(n_layers) for g in DECODER_GROUPS for p in g.linears] + ["lm_head"]
-    assignments = _assign(model, names, spec)
+    arch = architecture(model)
+    names = arch.linear_names(len(arch.check_layers(model))) + ["lm_head"]
+    assignments = _assign(model, arch, names, spec)
     quantized = [a.fmt for a in assignments.values() if a.reason is None]
     calibrating = bool(kv_format.kind) or any(_needs(f, spec) for f in quantized)
     if calibrating and (calib is None or calib.n == 0):
         raise UserError(f"{spec.format} with KV cache {spec.kv_cache} needs calibration text; give --calib")
     sequential = any(ALGORITHMS[f.algorithm].sequential for f in quantized)  # see quant.algorithms
-    return LayerPlan(assignments, kv_format, calibrating, sequential)
+    return LayerPlan(arch, assignments, kv_format, calibrating, sequential)
 
 
 def quantize_layer(layer: nn.Module, index: int, plan: LayerPlan, spec: QuantSpec, inputs, total_tokens: int,
@@ -400,9 +403,9 @@ def quantize_layer(layer: nn.Module, index: int, plan: LayerPlan, spec: QuantSpe
     None: nothing to calibrate), replace its linears by quantized ones and add their records. With ``advance``
     the same pass replaces ``inputs`` by the layer's full-precision outputs (``calibrate.collect``). Returns the
     KV-cache scales it calibrated, if any. Layer streaming runs this on one loaded layer at a time."""
-    stats, jobs = _jobs(layer, f"model.layers.{index}.", DECODER_GROUPS, plan.assignments, spec, total_tokens)
+    stats, jobs = _jobs(layer, f"model.layers.{index}.", plan.arch.groups, plan.arch, plan.assignments, spec, total_tokens)
     if inputs is not None and (stats or kv_quantizer is not None or advance):
-        collect(layer, stats, inputs, kv_quantizer, advance=advance)
+        collect(layer, index, stats, inputs, kv_quantizer, advance=advance)
     kv = None
     if kv_quantizer is not None:
         kv_quantizer.finish_calibration()
@@ -426,14 +429,14 @@ def quantize(model: nn.Module, spec: QuantSpec, calib: Windows | None, progress:
         _untie_lm_head(qmodel)
     layers = qmodel.model.layers
     n_layers = len(layers)
-    attentions = [l.self_attn for l in layers]
+    attentions = [layer.get_submodule(plan.arch.attention) for layer in layers]
     kv_quantizers = install_kv_quantizers(qmodel, attentions, plan.kv_format, spec.kv_scales) if plan.kv_format.kind else None
     total_tokens = int(calib.lengths.sum()) if calib is not None else 0
     inputs = first_layer_inputs(qmodel, layers, calib.ids, calib.lengths, spec.calib_batch) if calibrating else None
 
     records: dict[str, LayerRecord] = {}
     kv_scales: dict[int, KVScales] = {}
-    head_stats, head_jobs = _jobs(qmodel, "", (LM_HEAD_GROUP,), assignments, spec, total_tokens)
+    head_stats, head_jobs = _jobs(qmodel, "", (LM_HEAD_GROUP,), plan.arch, assignments, spec, total_tokens)
     steps = track(list(enumerate(layers)), f"quantizing to {spec.format}", total=n_layers) if progress else enumerate(layers)
     for i, layer in steps:
         more = i + 1 < n_layers or bool(head_stats)  # does anything after this layer need its outputs?
@@ -442,7 +445,7 @@ def quantize(model: nn.Module, spec: QuantSpec, calib: Windows | None, progress:
         if kv is not None:
             kv_scales[i] = kv
         if calibrating and more and sequential:
-            propagate(layer, inputs)
+            propagate(layer, i, inputs)
     for group_stats in head_stats.values():  # lm_head reads the final norm's output
         for hidden, mask in zip(inputs.hidden, inputs.masks):
             group_stats.add(qmodel.model.norm(hidden)[mask])

@@ -2,10 +2,13 @@
 
 TensorRT-LLM stores the KV cache in FP8 or INT8 with scales calibrated offline; the key is cached
 after the rotary embedding, so that is where it is rounded. We simulate it through transformers'
-``AttentionInterface``: a registered attention function (:data:`ATTN_IMPL`) receives the query,
-key and value states exactly as the model's attention computes them (key after RoPE, after the
-cache update) and fake-quantizes key and value with the :class:`KVQuantizer` attached to the
-attention module, then runs PyTorch SDPA like transformers' ``sdpa`` implementation. Rounding the
+``AttentionInterface``: a registered attention function (``quantaudit_kv_<impl>``) receives the query,
+key and value states exactly as the model's attention computes them (key after RoPE and after any
+k_norm, after the cache update), fake-quantizes key and value with the :class:`KVQuantizer` attached
+to the attention module, then calls the attention function the model ran before (``<impl>``: SDPA, or
+the family's own eager function with Gemma 2's soft-capping or GPT-OSS's sinks), under that
+implementation's own mask function. The wrapper changes nothing else, so an identity quantizer leaves
+the logits bit for bit as they were (tests/test_arch.py). Rounding the
 whole cache at every step equals rounding each entry once when stored: with a fixed scale,
 re-quantizing a value on the grid returns it unchanged.
 
@@ -30,17 +33,18 @@ default"), which pushes small keys into FP8 subnormals; we use the calibrated ``
 from __future__ import annotations
 
 import itertools
+import sys
 
 import torch
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .formats import KV_SCALES, KVCacheFormat
 from .numerics import calibrated_scale, fake_quant_static
 
-ATTN_IMPL = "quantaudit_kv_sdpa"
+WRAPPER_PREFIX = "quantaudit_kv_"
 
 
 class KVQuantizer(nn.Module):
@@ -95,26 +99,49 @@ def _masked_amax(states: torch.Tensor, token_mask: torch.Tensor | None) -> torch
     return per_token.amax() if per_token.numel() else torch.zeros((), device=states.device)
 
 
-def kv_quant_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention with the module's K/V rounding applied first."""
+def kv_quant_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """The module's K/V rounding, then the attention function the model used before the wrapper."""
     quantizer = getattr(module, "kv_quantizer", None)
     if quantizer is not None:
         key, value = quantizer(key, value)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return module.kv_inner_attention(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(ATTN_IMPL, kv_quant_sdpa_forward)
-AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
+def _wrapper_for(impl: str) -> str:
+    """The registered name wrapping attention implementation ``impl`` (registered on first use)."""
+    if impl.startswith(WRAPPER_PREFIX):
+        return impl
+    name = WRAPPER_PREFIX + impl
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, kv_quant_attention_forward)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+    return name
+
+
+def _inner_attention(attention: nn.Module, impl: str):
+    """The function ``attention`` calls under ``impl``: the registered one, or its modeling file's eager one."""
+    if impl == "eager":
+        return sys.modules[type(attention).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def attach_kv_quantizer(attention: nn.Module, fmt: KVCacheFormat, scales: str, device, impl: str) -> KVQuantizer:
+    """Give one attention module a calibrating :class:`KVQuantizer` and route its attention, which ran
+    implementation ``impl``, through the wrapper (its config is switched to the wrapper's name)."""
+    if impl.startswith(WRAPPER_PREFIX):
+        raise ValueError("attention already runs quantaudit's KV wrapper")
+    attention.kv_inner_attention = _inner_attention(attention, impl)
+    attention.kv_quantizer = KVQuantizer(fmt, scales).to(device)
+    attention.kv_quantizer.calibrating = True
+    attention.config._attn_implementation = _wrapper_for(impl)
+    return attention.kv_quantizer
 
 
 def install_kv_quantizers(model: nn.Module, attentions: list[nn.Module], fmt: KVCacheFormat,
                           scales: str = "shared") -> list[KVQuantizer]:
-    """Attach a calibrating :class:`KVQuantizer` to each attention module and switch ``model`` to
-    :data:`ATTN_IMPL` (whatever attention it used before: the wrapper runs SDPA)."""
-    quantizers = []
-    for attention in attentions:
-        attention.kv_quantizer = KVQuantizer(fmt, scales).to(_device(attention, model))
-        attention.kv_quantizer.calibrating = True
-        quantizers.append(attention.kv_quantizer)
-    model.set_attn_implementation(ATTN_IMPL)
+    """Attach a calibrating :class:`KVQuantizer` to each attention module and switch ``model`` to the
+    wrapper of the attention implementation it runs."""
+    impl = model.config._attn_implementation or "eager"
+    quantizers = [attach_kv_quantizer(attention, fmt, scales, _device(attention, model), impl) for attention in attentions]
+    model.set_attn_implementation(_wrapper_for(impl))
     return quantizers

@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import UserError
-from .calibrate import DECODER_GROUPS, decoder_layers
+from ..arch import architecture
 from .formats import FORMATS
 
 PLAN_EXAMPLE = '{"plan": {"model.layers.0.mlp.down_proj": "fp8", ...}}'
@@ -34,8 +34,8 @@ class MixedPlan:
 
 def plan_layer_names(model: nn.Module) -> list[str]:
     """Every name a plan may use, in quantize()'s order: all decoder linears, then lm_head."""
-    n_layers = len(decoder_layers(model))
-    return [f"model.layers.{i}.{p}" for i in range(n_layers) for g in DECODER_GROUPS for p in g.linears] + ["lm_head"]
+    arch = architecture(model)
+    return arch.linear_names(len(arch.check_layers(model))) + ["lm_head"]
 
 
 def _check_format(fmt: object, where: str, what: str) -> None:

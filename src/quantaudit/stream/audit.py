@@ -51,9 +51,10 @@ from ..evaluate import LOGITS_BUDGET_BYTES, auto_batch_size
 from ..metrics import PairedAccumulator, PerplexityAccumulator, summarize_logits
 from ..models import load_tokenizer, model_folder
 from ..progress import console, track
-from ..quant.calibrate import DECODER_GROUPS, LayerInputs, _layer_output, first_layer_inputs
+from ..arch import Architecture
+from ..quant.calibrate import LayerInputs, _layer_output, first_layer_inputs
 from ..quant.engine import LayerPlan, LayerRecord, QuantizedModel, QuantSpec, _calib_info, plan_layers, quantize_layer
-from ..quant.kvcache import ATTN_IMPL, KVQuantizer
+from ..quant.kvcache import KVQuantizer, attach_kv_quantizer
 from .source import CheckpointParts, checkpoint_fp32_bytes
 from ..memory import available_memory, return_large_frees, trim_heap
 from .spill import SpillStore
@@ -111,10 +112,11 @@ def _threads_within_cpus():
 
 @dataclass
 class _Batches:
-    """A window set cut into the batches every stream over it uses, with each batch's layer kwargs and real-token mask."""
+    """A window set cut into the batches every stream over it uses, with every layer's call kwargs per batch
+    ([layer][batch]) and each batch's real-token mask."""
 
     parts: list[slice] = field(default_factory=list)
-    kwargs: list[dict] = field(default_factory=list)
+    layer_kwargs: list[list[dict]] = field(default_factory=list)
     masks: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -127,7 +129,9 @@ def _layer0(front: nn.Module, windows: Windows, size: int, cut: bool) -> tuple[_
         width = int(windows.lengths[part].max()) if cut else windows.seq_len
         got = first_layer_inputs(front, front.model.layers, windows.ids[part, :width], windows.lengths[part], size)
         batches.parts.append(part)
-        batches.kwargs += got.kwargs
+        batches.layer_kwargs = batches.layer_kwargs or [[] for _ in got.layer_kwargs]
+        for mine, new in zip(batches.layer_kwargs, got.layer_kwargs, strict=True):
+            mine += new
         batches.masks += got.masks
         hidden += got.hidden
     return batches, hidden
@@ -168,14 +172,14 @@ class _Stream:
 
     def inputs(self) -> LayerInputs:
         """For ``engine.quantize_layer`` (``calibrate.collect`` only iterates the hidden states)."""
-        return LayerInputs(self, self.batches.kwargs, self.batches.masks)
+        return LayerInputs(self, self.batches.layer_kwargs, self.batches.masks)
 
-    def advance(self, layer: nn.Module, points: dict[str, str] | None = None,
+    def advance(self, layer: nn.Module, index: int, points: dict[str, str] | None = None,
                 watch: list[torch.Tensor | None] | None = None) -> list[dict[str, torch.Tensor]]:
-        """Replace every batch by ``layer``'s output on it; for the batches ``watch`` gives positions of, also
-        return what each of ``points`` output there."""
+        """Replace every batch by decoder layer ``index``'s output on it; for the batches ``watch`` gives
+        positions of, also return what each of ``points`` output there."""
         seen = []
-        for j, (hidden, kwargs) in enumerate(zip(self, self.batches.kwargs)):
+        for j, (hidden, kwargs) in enumerate(zip(self, self.batches.layer_kwargs[index], strict=True)):
             keep = watch[j] if watch else None
             with _captured(layer, points if keep is not None else {}, keep) as got:
                 out = _layer_output(layer(hidden, **kwargs))
@@ -196,20 +200,18 @@ def _watched(batches: _Batches, drift_windows: int) -> list[torch.Tensor | None]
     return watch
 
 
-def _drift_points(index: int) -> dict[str, str]:
+def _drift_points(arch: Architecture, index: int) -> dict[str, str]:
     """Where layer drift is measured in decoder layer ``index``, named as ``audit.run`` reports it."""
-    return {f"decoder.{index}": "", **{f"model.layers.{index}.{p}": p for g in DECODER_GROUPS for p in g.linears}}
+    return {f"decoder.{index}": "", **{f"model.layers.{index}.{p}": p for g in arch.groups for p in g.linears}}
 
 
 def _kv_quantizer(layer: nn.Module, plan: LayerPlan, spec: QuantSpec) -> KVQuantizer | None:
     """``kvcache.install_kv_quantizers`` for one layer copy, whose attention has its own (deep-copied) config."""
     if not plan.kv_format.kind:
         return None
-    attention = layer.self_attn
-    attention.kv_quantizer = KVQuantizer(plan.kv_format, spec.kv_scales).to(attention.o_proj.weight.device)
-    attention.kv_quantizer.calibrating = True
-    attention.config._attn_implementation = ATTN_IMPL
-    return attention.kv_quantizer
+    attention = layer.get_submodule(plan.arch.attention)
+    return attach_kv_quantizer(attention, plan.kv_format, spec.kv_scales, attention.o_proj.weight.device,
+                               attention.config._attn_implementation or "eager")
 
 
 def _copy_to_quantize(layer: nn.Module) -> nn.Module:
@@ -271,10 +273,10 @@ class _FormatRun:
             self.kv_scales[index] = kv
         self.records.update((name, _shell(record)) for name, record in new.items())
         if self.calib is not None and more:
-            self.calib.advance(qlayer)
+            self.calib.advance(qlayer, index)
         self.quantize_seconds += time.perf_counter() - started
         started = time.perf_counter()
-        for got, ref in zip(self.eval.advance(qlayer, points, watch), reference):
+        for got, ref in zip(self.eval.advance(qlayer, index, points, watch), reference):
             for name, value in got.items():
                 self.drift[name].add(value, ref[name])
         self.eval_seconds += time.perf_counter() - started
@@ -322,12 +324,12 @@ def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Win
         steps = track(layers, "streaming decoder layers", total=parts.n_layers) if progress else layers
         for index, layer in steps:
             more = index + 1 < parts.n_layers
-            points = _drift_points(index) if watch else None
-            reference = base.advance(layer, points, watch)
+            points = _drift_points(parts.arch, index) if watch else None
+            reference = base.advance(layer, index, points, watch)
             for run in runs.values():
                 run.step(index, layer, shared, more, total_tokens, points, watch, reference)
             if shared is not None and more:
-                shared.advance(layer)
+                shared.advance(layer, index)
             del layer, reference
             trim_heap()  # the layer's small temporaries would otherwise fragment the heap, which grows with depth
         base_ppl = _final_logits(parts, windows, eval_batches, base, runs, top_k, drift_windows)
@@ -349,6 +351,10 @@ def _final_logits(parts: CheckpointParts, windows: Windows, batches: _Batches, b
     """Final norm and lm_head on every stream, window by window in blocks of rows: the baseline's log-probs
     (``metrics.summarize_logits``, as ``baseline.Baseline.chunks`` recomputes them) against each format's logits."""
     norm, weight = parts.final_norm(), parts.lm_head_weight()
+
+    def head(logits: torch.Tensor) -> torch.Tensor:  # the family's logit scaling / soft-capping
+        return parts.arch.final_logits(parts.config, logits)
+
     vocab = weight.shape[0]
     k = None if top_k is None or top_k >= vocab else top_k
     block = max(1, LOGIT_BLOCK_BYTES // (4 * vocab))
@@ -367,12 +373,12 @@ def _final_logits(parts: CheckpointParts, windows: Windows, batches: _Batches, b
             for start in range(0, length, block):
                 stop = min(start + block, length)
                 scored = slice(0, max(0, min(stop, length - 1) - start))  # the window's last position predicts nothing
-                base_logits = F.linear(base_last[row, start:stop], weight).float()
+                base_logits = head(F.linear(base_last[row, start:stop], weight).float())
                 chunk = summarize_logits(base_logits[scored], targets[start:stop][scored], k)
                 base_ppl.add_nll(-chunk.target_logprob)
                 for run, last in zip(runs.values(), quant_last):
                     started = time.perf_counter()
-                    logits = F.linear(last[row, start:stop], weight).float()
+                    logits = head(F.linear(last[row, start:stop], weight).float())
                     if chunk.tokens:
                         run.acc.update(chunk, logits[scored], targets[start:stop][scored])
                     if window < drift_windows:

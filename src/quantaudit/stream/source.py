@@ -28,22 +28,31 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import UserError
-from ..quant.calibrate import decoder_layers
-
-# Architectures whose logits are exactly lm_head(model.norm(last hidden state)) and whose decoder
-# layers all take layer 0's inputs (one mask type): the streamed tail computes just that.
-STREAMABLE = ("LlamaForCausalLM", "MistralForCausalLM")
+from ..arch import architecture_for_config
 PAGE_BYTES = 4096
+
+
+def _open(shard: Path, device: str = "cpu"):
+    """``safe_open``, with a missing, truncated or damaged file reported as one line naming it."""
+    try:
+        return safe_open(shard, framework="pt", device=device)
+    except Exception as exc:  # noqa: BLE001 - SafetensorError or OSError: the user's file, not a bug
+        raise UserError(f"cannot read the weights file {shard} ({exc}): is it truncated or damaged? "
+                        "Save or copy the model again") from None
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> shard holding it (``model.safetensors.index.json``'s weight_map, else every shard's keys)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        try:
+            return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{index} is damaged ({type(exc).__name__}: {exc}): it needs a \"weight_map\" "
+                            "of tensor name -> file") from None
     files = {}
     for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(shard, framework="pt") as f:
+        with _open(shard) as f:
             files.update((name, shard) for name in f.keys())
     if not files:
         raise UserError(f"{folder} has no .safetensors weights: layer streaming reads safetensors only")
@@ -61,30 +70,70 @@ def checkpoint_fp32_bytes(folder: Path) -> int:
     """What the checkpoint's tensors take in float32, from the safetensors headers alone."""
     numel = 0
     for shard in set(_tensor_files(Path(folder)).values()):
-        with safe_open(shard, framework="pt") as f:
+        with _open(shard) as f:
             numel += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
     return 4 * numel
+
+
+def check_model_files(spec: str) -> Path:
+    """``spec``'s model folder (:func:`quantaudit.models.model_folder`) with its safetensors checked, before it is loaded."""
+    from ..models import model_folder
+
+    folder, _ = model_folder(spec)
+    check_safetensors(folder)
+    return folder
+
+
+def check_safetensors(folder: Path) -> None:
+    """Every safetensors file of ``folder`` opens, and each tensor has the shape the model's config gives it:
+    else one line naming the file or the tensor (transformers' own message names neither). A folder without
+    safetensors, or a config transformers cannot build, is left to the loader to report."""
+    folder = Path(folder)
+    if not any(folder.glob("*.safetensors")):
+        return
+    files = _tensor_files(folder)
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    except Exception:  # noqa: BLE001 - reported by the loader, with its own words
+        return
+    for shard in dict.fromkeys(files.values()):
+        with _open(shard) as f:
+            for name in f.keys():
+                shape = tuple(f.get_slice(name).get_shape())
+                if name in expected and shape != expected[name]:
+                    raise UserError(f"{shard}: tensor {name} has shape {list(shape)}, but {folder}/config.json makes it "
+                                    f"{list(expected[name])}: the weights do not belong to this config")
 
 
 class CheckpointParts:
     """The skeleton of a Llama-family checkpoint and its parts, loaded on ``device`` when asked for."""
 
     def __init__(self, folder: Path, device: torch.device | str = "cpu"):
+        from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.folder = Path(folder)
         self.device = torch.device(device)
         self.config = AutoConfig.from_pretrained(self.folder, local_files_only=True)
-        with torch.device("meta"):
+        self.arch = architecture_for_config(self.config)  # every family of the table streams
+        # Parameters on the meta device, buffers real: rotary tables and Gemma's embedding scale are built from
+        # the config, not stored in the checkpoint.
+        with init_empty_weights(include_buffers=False):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32).eval()
-        if type(self.skeleton).__name__ not in STREAMABLE:
-            raise UserError(f"layer streaming supports {', '.join(STREAMABLE)}, not {type(self.skeleton).__name__}: "
-                            "use --streaming off")
-        self.n_layers = len(decoder_layers(self.skeleton))
+        self.skeleton.tie_weights()  # as from_pretrained does
+        self.n_layers = len(self.arch.check_layers(self.skeleton))
         self.files = _tensor_files(self.folder)
-        inner = self.skeleton.model
-        inner.rotary_emb = type(inner.rotary_emb)(config=self.config).to(self.device)  # built from config, not stored
-        self._meta_embedding = inner.embed_tokens
+        for buffer_owner in self.skeleton.modules():
+            for name, buffer in list(buffer_owner.named_buffers(recurse=False)):
+                if buffer is not None and buffer.device.type != "meta":
+                    setattr(buffer_owner, name, buffer.to(self.device))
+        self._meta_embedding = self.skeleton.model.embed_tokens
 
     def fp32_bytes(self) -> int:
         """What the whole model takes in float32 (a tied lm_head counted once, as a loaded model holds it)."""
@@ -96,7 +145,7 @@ class CheckpointParts:
             raise UserError(f"{self.folder}: tensor {missing[0]} is not in its safetensors files")
         out = {}
         for shard in dict.fromkeys(self.files[n] for n in names):
-            with safe_open(shard, framework="pt", device=str(self.device)) as f:
+            with _open(shard, device=str(self.device)) as f:
                 out.update((n, f.get_tensor(n).to(torch.float32)) for n in names if self.files[n] == shard)
         return out
 

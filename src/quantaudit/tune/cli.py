@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..audit.budget import METRICS, Limit, parse_budget
+from ..audit.settings import at_least, check_text_flags
 from ..errors import UserError
 from ..progress import console
 from ..quant.formats import get_format
@@ -46,6 +47,8 @@ class AutotuneSettings:
 
 def validate(s: AutotuneSettings) -> list[Limit]:
     """Every user choice checked before any slow work starts."""
+    check_text_flags(s)
+    at_least("--refine", s.refine, 0)
     if not s.formats:
         raise UserError("--formats is empty: name the most aggressive format(s) to start from, e.g. int4_awq")
     for name in s.ladder:

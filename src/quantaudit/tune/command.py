@@ -33,11 +33,12 @@ from ..audit.budget import Limit, check_budget
 from ..data import load_windows
 from ..errors import EXIT_BUDGET_FAILED, EXIT_OK, UserError
 from ..evaluate import build_baseline, compare_to_baseline
-from ..fileio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text, check_out_dir, output_dir
 from ..models import load_model
 from ..progress import console
 from ..quant import QuantSpec, quantize
 from ..quant.formats import get_format
+from ..stream.source import check_model_files
 from .candidates import Candidates
 from .cli import NONE, AutotuneSettings, validate
 from .plan import effective_bits, expand_plan, plan_units
@@ -47,12 +48,7 @@ METRIC_KEYS = ("tokens", "ppl_base", "ppl", "ppl_unc", "ppl_ratio", "ppl_ratio_u
                "kld", "kld_reverse", "top1", "top1_unc", "delta_p")
 
 
-def _prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {out} is not empty: pass --force to overwrite the autotune files in it")
-    out.mkdir(parents=True, exist_ok=True)
+OUTPUTS = ("autotune.json", "plan.json", "autotune.html")
 
 
 def _metrics(summary: dict) -> dict:
@@ -71,6 +67,7 @@ class _Tuner:
 
     def __init__(self, s: AutotuneSettings, limits: list[Limit]):
         self.s, self.limits = s, limits
+        check_model_files(s.model)
         self.lm = load_model(s.model, device=s.device)
         self.eval = load_windows(s.eval, self.lm.tokenizer, s.seq_len, s.windows, s.bos)
         self.calib = load_windows(s.calib, self.lm.tokenizer, s.calib_seq, s.calib_size, s.bos, role="calib")
@@ -138,8 +135,16 @@ def autotune(s: AutotuneSettings, out: Path, force: bool = False) -> dict:
     """Run the whole search and write DIR/autotune.json, plan.json and autotune.html; returns the result."""
     started = time.perf_counter()
     limits = validate(s)
-    _prepare_out(out, force)
-    tuner = _Tuner(s, limits)
+    check_out_dir(out, force, OUTPUTS)
+    tuner = _Tuner(s, limits)  # the model and texts: checked before --out is touched
+    with output_dir(out, force, outputs=OUTPUTS) as work:
+        result, summaries = _tune(s, tuner, limits, started)
+        _write(result, summaries, work)
+    return result
+
+
+def _tune(s: AutotuneSettings, tuner: _Tuner, limits: list[Limit], started: float) -> tuple[dict, dict]:
+    """The search and its verification (module docstring): the result and each uniform format's summary."""
     cands, summaries = tuner.uniform()
     fixed = cands.fixed_bytes()
     console.print(f"sensitivity of {len(tuner.units)} units in {len(s.ladder)} formats "
@@ -240,8 +245,7 @@ def autotune(s: AutotuneSettings, out: Path, force: bool = False) -> dict:
         "settings": asdict(s),
         "seconds": time.perf_counter() - started,
     }
-    _write(result, summaries, out)
-    return result
+    return result, summaries
 
 
 def _additivity(curve: list[dict]) -> float | None:

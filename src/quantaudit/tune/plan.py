@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..quant.calibrate import DECODER_GROUPS, decoder_layers
+from ..arch import architecture
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,9 @@ def _unit_name(linears: tuple[str, ...]) -> str:
 def plan_units(model: nn.Module) -> list[PlanUnit]:
     """The decoder's linears grouped as TensorRT-LLM fuses them (lm_head stays out, as ModelOpt leaves it)."""
     units = []
-    for i in range(len(decoder_layers(model))):
-        for group in DECODER_GROUPS:
+    arch = architecture(model)
+    for i in range(len(arch.check_layers(model))):
+        for group in arch.groups:
             linears = tuple(f"model.layers.{i}.{p}" for p in group.linears)
             params = sum(model.get_submodule(n).weight.numel() for n in linears)
             units.append(PlanUnit(_unit_name(linears), linears, params))
