@@ -206,3 +206,52 @@ def test_a_layer_that_disagrees_with_the_table_is_named(loaded, calib):
     model.model.layers[1].mlp.up_proj = nn.Identity()
     with pytest.raises(UserError, match=r"model\.layers\.1\.mlp\.up_proj is not a linear layer"):
         quantize(model, QuantSpec(format="int8_wo"), calib, progress=False)
+
+
+HF_EXPORT_FORMATS = ["int8_wo", "fp8", "int4_awq", "int4_gptq"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_hf_export_reloads_to_the_audited_logits(name, loaded, calib, tmp_path):
+    """``export --target hf`` (ModelOpt's unified checkpoint) of every family, tied or untied lm_head, biases,
+    the model's own RoPE scaling, Gemma's (1 + w) norms with AWQ's pre-quant scales folded in: the checkpoint
+    read back computes the audited logits bit for bit (float32 checkpoint; FP8 KV cache with its scales)."""
+    from quantaudit.export import export_checkpoint
+    from quantaudit.export.reader import load_hf_checkpoint
+
+    lm = loaded(name)
+    for fmt in HF_EXPORT_FORMATS:
+        qm = quantize(lm.model, QuantSpec(format=fmt, kv_cache="fp8", group_size=64, awq=AWQOptions(n_grid=4)), calib,
+                      progress=False)
+        path = tmp_path / fmt
+        export_checkpoint(qm, lm.config, path, target="hf", dtype="float32")
+        config = json.loads((path / "config.json").read_text())
+        assert config["model_type"] == lm.config.model_type
+        assert config.get("rope_parameters") == lm.config.to_dict().get("rope_parameters")
+        folded = _with_norm_folds(qm.model)  # what the checkpoint defines (ModelOpt folds AWQ scales into norms too)
+        with torch.no_grad():
+            audited = qm.model(calib.ids[:3]).logits
+            expected = folded(calib.ids[:3]).logits
+            got = load_hf_checkpoint(path)(calib.ids[:3]).logits
+        assert torch.equal(got, expected), (name, fmt, float((got - expected).abs().max()))
+        # norm * scale rounded once more, the export's stated difference (an FP8 KV value on a rounding boundary
+        # can flip, so the bound is loose)
+        assert _relative(got, audited) <= 1e-3
+
+
+def _with_norm_folds(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with the pre-quant scale of every norm-fed group multiplied into its norm (the
+    family's fold rule, independently written here: w * m, or (1 + w) * m - 1 for Gemma)."""
+    folded = copy.deepcopy(model)
+    arch = architecture(model)
+    for layer in folded.model.layers:
+        for group in (g for g in arch.groups if g.norm):
+            linears = [layer.get_submodule(p) for p in group.linears]
+            pqs = getattr(linears[0], "pre_quant_scale", None)
+            if pqs is not None:
+                norm = layer.get_submodule(group.norm)
+                offset = arch.norm_offset
+                norm.weight.data = (norm.weight.data + offset) * pqs - offset
+                for linear in linears:
+                    linear.pre_quant_scale = None
+    return folded

@@ -75,7 +75,7 @@ def run_export(args: argparse.Namespace) -> int:
     from . import TARGETS, check_output_dir, export_checkpoint
     from .build import BuildSettings, record_bench, run_build_script, runtime_missing
     from .hf import check_hf_request
-    from .linears import model_facts
+    from ..arch import architecture
     from .trtllm import check_trtllm_formats, check_trtllm_kv, check_trtllm_request
 
     out = check_output_dir(args.out, args.force)
@@ -111,7 +111,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.target == "trtllm":
         check_trtllm_request(lm.config, args.tp)
     else:
-        model_facts(lm.config)
+        architecture(lm.model).check_layers(lm.model)  # every family of the table: ModelOpt's unified HF layout
     calib = load_windows(args.calib, lm.tokenizer, args.calib_seq, args.calib_size, args.bos, role="calib")
     settings = BuildSettings(args.max_batch_size, args.max_input_len, args.max_output_len)
     with out_lock(out):  # every input checked: --out is this run's until the checkpoint is written

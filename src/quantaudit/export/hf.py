@@ -29,15 +29,9 @@ import torch
 from .. import __version__
 from ..errors import UserError
 from ..quant.formats import get_format, get_kv_cache_format
-from .layout import DECODER_SLOTS, DTYPES, HF, HF_KV_ALGOS, HF_KV_SCALES, TRTLLM, TRTLLM_REFUSED, Storage
-from .linears import PLAIN, Part, common_format, encode, model_facts, parts_of, role_value
-
-# HF linears TensorRT-LLM/vLLM load as one GEMM, with the RMSNorm feeding them.
-_NORM_OF = {"input_layernorm": "input_layernorm", "post_layernorm": "post_attention_layernorm"}
-FUSED_GROUPS = tuple(
-    (tuple(p for s in DECODER_SLOTS if s.norm == norm for p in s.hf), hf_norm) for norm, hf_norm in _NORM_OF.items()
-)
-UNFUSED = tuple(p for s in DECODER_SLOTS if s.norm is None for p in s.hf)
+from ..arch import architecture
+from .layout import DTYPES, HF, HF_KV_ALGOS, HF_KV_SCALES, TRTLLM, TRTLLM_REFUSED, Storage
+from .linears import PLAIN, Part, common_format, encode, parts_of, role_value
 
 
 @dataclass
@@ -82,8 +76,10 @@ def _storage(qm, tp: int) -> tuple[str, Storage, int | None]:
 
 
 def _linear(name: str, parts_group: list[Part], part: Part, storage: Storage, dtype: torch.dtype, fused: bool) -> dict:
-    out = {}
-    group_name = f"{parts_group[0].name.rsplit('.', 1)[0]}.{{{','.join(p.name.rsplit('.', 1)[1] for p in parts_group)}}}"
+    """``name``'s tensors; ``fused``: fed by a norm (its pre-quant scale is folded there)."""
+    out = {} if part.record.bias is None else {f"{name}.bias": part.record.bias.detach().to(dtype)}
+    parent = parts_group[0].name.rpartition(".")[0]  # "" for a top-level linear (an untied lm_head)
+    group_name = f"{parent + '.' if parent else ''}{{{','.join(p.name.rpartition('.')[2] for p in parts_group)}}}"
     for spec in storage.tensors:
         if spec.unfused_only and fused:
             continue
@@ -99,32 +95,38 @@ def build_hf(qm, base_config, dtype: str = "float16", tp: int = 1) -> HfCheckpoi
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     torch_dtype = DTYPES[dtype]
-    facts = model_facts(base_config)
     fmt, storage, group = _storage(qm, tp)
+    arch = architecture(qm.model)
+    n_layers = len(qm.model.model.layers)  # checked against the table when it was quantized
     kv_algo = get_kv_cache_format(qm.spec.kv_cache).trtllm_kv_cache_quant_algo
     state = qm.model.state_dict()
     tensors = {"model.embed_tokens.weight": state["model.embed_tokens.weight"].to(torch_dtype),
                "model.norm.weight": state["model.norm.weight"].to(torch_dtype)}
     excluded = []
-    for i in range(facts.layers):
+    for i in range(n_layers):
         prefix = f"model.layers.{i}."
-        for names, norm in FUSED_GROUPS:
+        for names, norm in ((g.linears, g.norm) for g in arch.groups if g.norm):  # fed by a norm: pqs folded there
             group_parts = parts_of(qm, [prefix + n for n in names])
             quantized = common_format(group_parts, f"{prefix}{{{','.join(names)}}}")[0] is not None
             norm_weight = state[f"{prefix}{norm}.weight"].float()
             if quantized and storage.fold_pqs_into_norm and group_parts[0].record.pre_quant_scale is not None:
                 pqs = role_value(next(s for s in storage.tensors if s.role == "pqs"), group_parts, f"{prefix}{norm}")
-                norm_weight = norm_weight * pqs
+                norm_weight = arch.multiplied_norm_weight(norm_weight, pqs)
             tensors[f"{prefix}{norm}.weight"] = norm_weight.to(torch_dtype)
             for part in group_parts:
                 tensors.update(_linear(part.name, group_parts, part, storage if quantized else PLAIN, torch_dtype, True))
                 excluded += [] if quantized else [part.name]
-        for part in parts_of(qm, [prefix + n for n in UNFUSED]):
-            tensors.update(_linear(part.name, [part], part, storage if part.quantized else PLAIN, torch_dtype, False))
-            excluded += [] if part.quantized else [part.name]
+        for unfolded in (g for g in arch.groups if not g.norm):
+            group_parts = parts_of(qm, [prefix + n for n in unfolded.linears])
+            for part in group_parts:
+                shared = group_parts if unfolded.fused else [part]  # one GEMM: its shared scales checked across parts
+                tensors.update(_linear(part.name, shared, part, storage if part.quantized else PLAIN, torch_dtype, False))
+                excluded += [] if part.quantized else [part.name]
         if i in qm.kv_scales:
             for key, value in zip(HF_KV_SCALES, (qm.kv_scales[i].k_scale, qm.kv_scales[i].v_scale)):
                 tensors[prefix + key] = value.float().reshape(())
+    norms = {n: p for n, p in state.items() if n.endswith("norm.weight") and n not in tensors}
+    tensors.update((n, p.to(torch_dtype)) for n, p in norms.items())  # norms no scale folds into (q_norm, post-norms)
     head = parts_of(qm, ["lm_head"])[0]
     tied = qm.model.lm_head.weight is qm.model.model.embed_tokens.weight
     if head.quantized or not tied:

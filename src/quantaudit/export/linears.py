@@ -1,6 +1,6 @@
 """What the exporters read from a :class:`~quantaudit.quant.engine.QuantizedModel`.
 
-The architecture facts a checkpoint config needs (Llama family only, refused otherwise), the
+The architecture facts a TensorRT-LLM checkpoint config needs (Llama only, refused otherwise), the
 linears grouped the way a checkpoint stores them, and the value of each tensor *role* of
 :mod:`quantaudit.export.layout` computed from the engine's records - nothing is re-quantized:
 codes and scales are the audited ones. Values a fused TensorRT-LLM linear holds once (the qkv
@@ -43,8 +43,9 @@ def model_facts(config) -> ModelFacts:
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     if arch not in ARCHITECTURES or getattr(config, "model_type", None) != "llama":
         raise UserError(
-            f"export supports Llama-architecture models ({', '.join(ARCHITECTURES)}) so far; "
-            f"this model is {arch} (model_type {getattr(config, 'model_type', '?')})"
+            f"--target trtllm writes Llama-architecture models ({', '.join(ARCHITECTURES)}) so far; "
+            f"this model is {arch} (model_type {getattr(config, 'model_type', '?')}): use --target hf, "
+            "which writes every family quantaudit audits"
         )
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise UserError("export of Llama models with attention/MLP biases is not supported yet")

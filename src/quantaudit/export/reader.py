@@ -47,14 +47,14 @@ def _storage_for_algo(table: dict[str, Storage], entry: dict) -> Storage:
     raise UserError(f"cannot read quant_algo {algo!r} (pre_quant_scale={entry.get('pre_quant_scale')}): not a layout quantaudit writes")
 
 
-def _llama(cfg: dict) -> nn.Module:
-    """An uninitialised Llama (every parameter is then set from the checkpoint; :func:`_check_loaded`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _causal_lm(cfg: dict, model_type: str = "llama") -> nn.Module:
+    """An uninitialised causal LM of ``model_type`` (every parameter is then set from the checkpoint;
+    :func:`_check_loaded`), with the attention implementation its family runs by default."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     with no_init_weights():
-        model = LlamaForCausalLM(LlamaConfig(**{"tie_word_embeddings": False, **cfg}))
-    model.set_attn_implementation("sdpa")
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{"tie_word_embeddings": False, **cfg}))
     return model.eval()
 
 
@@ -66,11 +66,13 @@ def _check_loaded(model: nn.Module, loaded: set[str]) -> None:
 
 def _decode(storage: Storage, full: dict[str, torch.Tensor], dims: tuple[int, int], group: int | None,
             dtype: torch.dtype, w8a16: tuple | None = None) -> nn.Module:
-    """One HF linear from its full tensors (keyed by suffix; INT4/FP4 codes already unpacked)."""
+    """One HF linear from its full tensors (keyed by suffix; INT4/FP4 codes already unpacked; ``bias`` if any)."""
     out_f, in_f = dims
+    bias = None if full.get("bias") is None else nn.Parameter(full["bias"].float(), requires_grad=False)
     if storage is PLAIN:
         linear = nn.Linear(in_f, out_f, bias=False, device="meta")
         linear.weight = nn.Parameter(full["weight"].float(), requires_grad=False)
+        linear.bias = bias
         return linear
     fmt = get_format(storage.reader_format)
     codes, scale, w8a16_group = w8a16 or (None, None, None)
@@ -96,7 +98,7 @@ def _decode(storage: Storage, full: dict[str, torch.Tensor], dims: tuple[int, in
             pqs = 1.0 / t.float().reshape(-1)
     group = group if fmt.weight.granularity in ("group", "block") else w8a16_group
     requant = fmt.weight.requant if scale_2 is not None else None
-    return QuantLinear(QuantizedWeight(codes, scale, group, requant, scale_2), fmt, None, act_scale, pqs)
+    return QuantLinear(QuantizedWeight(codes, scale, group, requant, scale_2), fmt, bias, act_scale, pqs)
 
 
 def _install_kv(model: nn.Module, kv_algo: str | None, scales: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -212,7 +214,7 @@ def load_trtllm_checkpoint(path: str | Path) -> nn.Module:
             return PLAIN, None
         return _storage_for_algo(TRTLLM, quant), quant.get("group_size")
 
-    model = _llama(dict(
+    model = _causal_lm(dict(
         vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
         num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
         num_key_value_heads=cfg["num_key_value_heads"], head_dim=cfg["head_size"], rms_norm_eps=cfg["norm_epsilon"],
@@ -246,7 +248,7 @@ def load_trtllm_checkpoint(path: str | Path) -> nn.Module:
 
 
 def load_hf_checkpoint(path: str | Path) -> nn.Module:
-    """A ``LlamaForCausalLM`` computing what the ModelOpt-style HF checkpoint at ``path`` defines."""
+    """The causal LM (its config's ``model_type``) computing what the ModelOpt-style HF checkpoint at ``path`` defines."""
     path = Path(path)
     if not (path / "hf_quant_config.json").is_file():
         raise UserError(f"{path} has no hf_quant_config.json: not a quantized unified HF checkpoint")
@@ -258,7 +260,7 @@ def load_hf_checkpoint(path: str | Path) -> nn.Module:
     dtype = DTYPES[cfg.get("dtype") or cfg.get("torch_dtype")]
     keep = {k: v for k, v in cfg.items() if k not in ("quantization_config", "architectures", "dtype", "torch_dtype",
                                                           "transformers_version", "model_type")}
-    model = _llama(keep)
+    model = _causal_lm(keep, cfg.get("model_type", "llama"))
     scales = [(tensors[f"model.layers.{i}.{HF_KV_SCALES[0]}"], tensors[f"model.layers.{i}.{HF_KV_SCALES[1]}"])
               for i in range(cfg["num_hidden_layers"]) if f"model.layers.{i}.{HF_KV_SCALES[0]}" in tensors]
     _install_kv(model, quant.get("kv_cache_quant_algo"), scales)
@@ -274,6 +276,7 @@ def load_hf_checkpoint(path: str | Path) -> nn.Module:
         use = storage if quantized else PLAIN
         own = {s.suffix: PACKINGS[s.pack_axis][1](tensors[f"{name}.{s.suffix}"]) if s.packed else tensors[f"{name}.{s.suffix}"]
                for s in use.tensors if f"{name}.{s.suffix}" in tensors}
+        own["bias"] = tensors.get(f"{name}.bias")
         new = _decode(use, own, (module.out_features, module.in_features), quant.get("group_size"), dtype)
         model.set_submodule(name, new)
         loaded |= {f"{name}.{n}" for n, _ in new.named_parameters()}
