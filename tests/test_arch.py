@@ -255,3 +255,30 @@ def _with_norm_folds(model: nn.Module) -> nn.Module:
                 for linear in linears:
                     linear.pre_quant_scale = None
     return folded
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_trtllm_export_reloads_to_the_audited_logits(name, loaded, calib, tmp_path):
+    """``export --target trtllm`` of the families TensorRT-LLM's llama decoder runs (float32, FP8 KV cache):
+    the checkpoint read back computes the audited logits bit for bit; other families are refused in one line."""
+    from quantaudit.export import export_checkpoint
+    from quantaudit.export.reader import load_trtllm_checkpoint
+
+    lm = loaded(name)
+    for fmt in ("int8_wo", "fp8", "int4_gptq"):
+        qm = quantize(lm.model, QuantSpec(format=fmt, kv_cache="fp8", group_size=64), calib, progress=False)
+        export_checkpoint(qm, lm.config, tmp_path / fmt, target="trtllm", dtype="float32")
+        with torch.no_grad():
+            expected = qm.model(calib.ids[:3]).logits
+            got = load_trtllm_checkpoint(tmp_path / fmt)(calib.ids[:3]).logits
+        assert torch.equal(got, expected), (name, fmt)
+
+
+def test_trtllm_export_of_other_families_is_refused(loaded, calib, tmp_path):
+    from quantaudit.export import export_checkpoint
+
+    lm = loaded("gemma")
+    qm = quantize(lm.model, QuantSpec(format="fp8"), calib, progress=False)
+    with pytest.raises(UserError, match=r"model types llama, mistral so far; this model is 'gemma'.*--target hf"):
+        export_checkpoint(qm, lm.config, tmp_path / "out", target="trtllm")
+    assert not (tmp_path / "out").exists()

@@ -15,13 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..arch import ARCHITECTURES
 from ..errors import UserError
 from ..quant.weightonly import load_source
 from .layout import Storage, TensorSpec
 from .packing import PACKINGS
-
-ARCHITECTURES = ("LlamaForCausalLM",)
-
 
 @dataclass(frozen=True)
 class ModelFacts:
@@ -39,14 +37,18 @@ class ModelFacts:
 
 
 def model_facts(config) -> ModelFacts:
-    """The sizes of a Llama-family HF config; anything else is refused until supported."""
-    arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
-    if arch not in ARCHITECTURES or getattr(config, "model_type", None) != "llama":
+    """The sizes of an HF config TensorRT-LLM's ``llama`` decoder runs (the families ``arch`` marks ``trtllm``:
+    Llama, and Mistral without a sliding window, which ModelOpt also exports as ``llama``); else refused."""
+    model_type = getattr(config, "model_type", None)
+    writable = [t for a in ARCHITECTURES if a.trtllm for t in a.model_types]
+    if model_type not in writable:
         raise UserError(
-            f"--target trtllm writes Llama-architecture models ({', '.join(ARCHITECTURES)}) so far; "
-            f"this model is {arch} (model_type {getattr(config, 'model_type', '?')}): use --target hf, "
-            "which writes every family quantaudit audits"
+            f"--target trtllm writes the model types {', '.join(writable)} so far; this model is {model_type!r}: "
+            "use --target hf, which writes every family quantaudit audits"
         )
+    if getattr(config, "sliding_window", None) is not None:
+        raise UserError(f"--target trtllm: this {model_type} model uses a sliding attention window "
+                        f"({config.sliding_window}), which the llama checkpoint layout cannot state; use --target hf")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise UserError("export of Llama models with attention/MLP biases is not supported yet")
     rope = dict(getattr(config, "rope_parameters", None) or {})

@@ -1,4 +1,5 @@
-"""``quantize()``: a Llama-family causal LM to one TensorRT-LLM format, keeping every stored number.
+"""``quantize()``: a causal LM of a family in :mod:`quantaudit.arch` to one TensorRT-LLM format, keeping every
+stored number.
 
 The input model is deep-copied and left untouched. In the copy every quantized ``nn.Linear`` is
 replaced by a :class:`~quantaudit.quant.qlinear.QuantLinear` that computes with exactly the codes
