@@ -17,10 +17,10 @@ from contextlib import contextmanager
 
 import torch
 
+from ..arch import architecture, decoder_layers
 from ..data import Windows
 from ..metrics import summarize_logits, token_statistics
 from ..progress import track
-from ..arch import architecture, decoder_layers
 
 
 def decoder_stack(model: torch.nn.Module):

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import __version__
+from ..arch import architecture
 from ..errors import UserError
 from ..quant.formats import get_format, get_kv_cache_format
-from ..arch import architecture
 from .layout import DTYPES, HF, HF_KV_ALGOS, HF_KV_SCALES, TRTLLM, TRTLLM_REFUSED, Storage
 from .linears import PLAIN, Part, common_format, encode, parts_of, role_value
 

@@ -21,6 +21,7 @@ from ..quant.weightonly import load_source
 from .layout import Storage, TensorSpec
 from .packing import PACKINGS
 
+
 @dataclass(frozen=True)
 class ModelFacts:
     layers: int

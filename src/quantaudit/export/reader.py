@@ -34,10 +34,23 @@ from ..quant.formats import KV_CACHE_FORMATS, get_format
 from ..quant.kvcache import install_kv_quantizers
 from ..quant.qlinear import QuantizedWeight, QuantLinear
 from ..quant.weightonly import trtllm_weight_only_quantize
-from .layout import (DECODER_NORMS, DECODER_SLOTS, DTYPES, HF, HF_KV_SCALES, KV_CACHE_SCALE, LM_HEAD_SLOT, TOP_TENSORS,
-                     TRTLLM, Slot, Storage, split_axis)
+from .layout import (
+    DECODER_NORMS,
+    DECODER_SLOTS,
+    DTYPES,
+    HF,
+    HF_KV_SCALES,
+    KV_CACHE_SCALE,
+    LM_HEAD_SLOT,
+    TOP_TENSORS,
+    TRTLLM,
+    Slot,
+    Storage,
+    split_axis,
+)
 from .linears import PLAIN
 from .packing import PACKINGS, unshard
+
 
 def _storage_for_algo(table: dict[str, Storage], entry: dict) -> Storage:
     algo = entry.get("quant_algo")

@@ -28,7 +28,6 @@ from torch import nn
 from ..arch import LinearGroup
 from .gptq import HessianAccumulator
 
-
 # Relative to the causal-LM module: lm_head reads the final norm (its fold rule is the family's, ``arch``).
 LM_HEAD_GROUP = LinearGroup(("lm_head",), "model.norm")
 

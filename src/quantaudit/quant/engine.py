@@ -31,11 +31,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..arch import Architecture, LinearGroup, architecture
 from ..data import Windows
 from ..errors import UserError
 from ..progress import track
 from .algorithms import ALGORITHMS, GroupJob
-from ..arch import Architecture, LinearGroup, architecture
 from .calibrate import LM_HEAD_GROUP, InputStats, collect, first_layer_inputs, propagate
 from .formats import KV_SCALES, KVCacheFormat, QuantFormat, get_format, get_kv_cache_format
 from .kvcache import install_kv_quantizers

@@ -43,20 +43,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arch import Architecture
 from ..audit.drift import _DriftAccumulator
 from ..baseline import KEEP_BYTES
 from ..data import Windows, load_windows
 from ..errors import UserError
 from ..evaluate import LOGITS_BUDGET_BYTES, auto_batch_size
+from ..memory import available_memory, return_large_frees, trim_heap
 from ..metrics import PairedAccumulator, PerplexityAccumulator, summarize_logits
 from ..models import load_tokenizer, model_folder
 from ..progress import console, track
-from ..arch import Architecture
 from ..quant.calibrate import LayerInputs, _layer_output, first_layer_inputs
 from ..quant.engine import LayerPlan, LayerRecord, QuantizedModel, QuantSpec, _calib_info, plan_layers, quantize_layer
 from ..quant.kvcache import KVQuantizer, attach_kv_quantizer
 from .source import CheckpointParts, checkpoint_fp32_bytes
-from ..memory import available_memory, return_large_frees, trim_heap
 from .spill import SpillStore
 
 NOT_STREAMED = "not computed in streaming mode"

@@ -27,8 +27,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..errors import UserError
 from ..arch import architecture_for_config
+from ..errors import UserError
+
 PAGE_BYTES = 4096
 
 
