@@ -87,7 +87,8 @@ def activation_outliers(model: torch.nn.Module, linears: dict[str, torch.nn.Line
     try:
         batches = range(0, calib.n, batch_size)
         for start in track(batches, "outlier audit", total=len(batches)):
-            model(input_ids=calib.ids[start : start + batch_size].to(device), use_cache=False)
+            # logits of the last position only: the hooks need the linears' inputs, not a batch x vocabulary tensor
+            model(input_ids=calib.ids[start : start + batch_size].to(device), use_cache=False, logits_to_keep=1)
     finally:
         for h in hooks:
             h.remove()
