@@ -259,31 +259,33 @@ def recommend(formats: list[dict], limits: list[Limit]) -> dict:
 
 @dataclass
 class Inputs:
-    """What the in-memory audit reads, loaded and checked before ``--out`` is touched."""
+    """What the audit reads, loaded and checked before ``--out`` is touched: the model (``lm`` in memory, or
+    the ``parts`` of its checkpoint when streamed), the texts, the tasks and the candidates."""
 
-    lm: LoadedModel
+    lm: LoadedModel | None
+    parts: CheckpointParts | None
     eval_windows: Windows
     calib: Windows
     tasks: list
     candidates: list[Candidate]
 
 
-def check_inputs(settings: AuditSettings, streamed: bool) -> Inputs | None:
+def check_inputs(settings: AuditSettings, streamed: bool) -> Inputs:
     """Read and check every input the flags name (tasks, model, texts, plan): a bad one fails here, before
-    anything is written. Returns them for the in-memory audit; the streamed audit reads its own (None)."""
+    anything is written, and what was read is what the audit then uses."""
     tasks = [load_task(t, settings.task_data, settings.task_limit, settings.task_strict, settings.task_seed)
              for t in settings.tasks]
     folder = check_model_files(settings.model)
     if streamed:
-        lm, tokenizer, model = None, load_tokenizer(folder), CheckpointParts(folder, settings.device).skeleton
+        lm, parts = None, CheckpointParts(folder, settings.device)
+        tokenizer, model = load_tokenizer(folder), parts.skeleton
     else:
-        lm = load_model(settings.model, device=settings.device)
+        lm, parts = load_model(settings.model, device=settings.device), None
         tokenizer, model = lm.tokenizer, lm.model
     decoder_layers(model)
     eval_windows = load_windows(settings.eval, tokenizer, settings.seq_len, settings.windows, settings.bos)
     calib = load_windows(settings.calib, tokenizer, settings.calib_seq, settings.calib_size, settings.bos, role="calib")
-    every = candidates(settings, model)
-    return None if streamed else Inputs(lm, eval_windows, calib, tasks, every)
+    return Inputs(lm, parts, eval_windows, calib, tasks, candidates(settings, model))
 
 
 def _audit_in_memory(settings: AuditSettings, inputs: Inputs, out: Path, limits: list[Limit], resume: bool) -> Audited:
@@ -326,7 +328,7 @@ def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: b
     with output_dir(out, force, resume, OUTPUTS, keep_partial=True, hint=RESUME_HINT) as work:
         (work / "formats").mkdir(exist_ok=True)
         if streamed:
-            audited = audit_streamed(settings, work, limits, resume)
+            audited = audit_streamed(settings, inputs, work, limits, resume)
         else:
             audited = _audit_in_memory(settings, inputs, work, limits, resume)
         return _report(settings, audited, limits, work)

@@ -46,12 +46,12 @@ from torch import nn
 from ..arch import Architecture
 from ..audit.drift import _DriftAccumulator
 from ..baseline import KEEP_BYTES
-from ..data import Windows, load_windows
+from ..data import Windows
 from ..errors import UserError
 from ..evaluate import LOGITS_BUDGET_BYTES, auto_batch_size
 from ..memory import available_memory, return_large_frees, trim_heap
 from ..metrics import PairedAccumulator, PerplexityAccumulator, summarize_logits
-from ..models import load_tokenizer, model_folder
+from ..models import model_folder
 from ..progress import console, track
 from ..quant.calibrate import LayerInputs, _layer_output, first_layer_inputs
 from ..quant.engine import LayerPlan, LayerRecord, QuantizedModel, QuantSpec, _calib_info, plan_layers, quantize_layer
@@ -387,19 +387,16 @@ def _final_logits(parts: CheckpointParts, windows: Windows, batches: _Batches, b
     return base_ppl
 
 
-def audit_streamed(settings, out: Path, limits: list, resume: bool):
+def audit_streamed(settings, inputs, out: Path, limits: list, resume: bool):
     """``run_audit``'s streamed path: the same entries, from :func:`stream_audit`, for every candidate a
-    previous run in ``out`` did not finish; returns an ``audit.run.Audited``."""
+    previous run in ``out`` did not finish; ``inputs`` (``audit.run.Inputs``) holds the checkpoint parts, texts
+    and candidates the checks read. Returns an ``audit.run.Audited``."""
     from ..audit.budget import check_budget
-    from ..audit.run import Audited, candidates, format_entry, save_entry, saved_entry
+    from ..audit.run import Audited, format_entry, save_entry, saved_entry
 
     folder, fingerprint = model_folder(settings.model)
-    parts = CheckpointParts(folder, settings.device)
-    tokenizer = load_tokenizer(folder)
-    eval_windows = load_windows(settings.eval, tokenizer, settings.seq_len, settings.windows, settings.bos)
-    calib = load_windows(settings.calib, tokenizer, settings.calib_seq, settings.calib_size, settings.bos, role="calib")
+    parts, eval_windows, calib, every = inputs.parts, inputs.eval_windows, inputs.calib, inputs.candidates
     key = settings.fingerprint()
-    every = candidates(settings, parts.skeleton)
     done = {c.name: entry for c in every if resume and (entry := saved_entry(out, c, key)) is not None}
     todo = [c for c in every if c.name not in done]
     not_computed = {"outliers": NOT_STREAMED}
