@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..arch import architecture, decoder_layers
+from ..arch import decoder_layers
 from ..data import Windows, load_windows
 from ..errors import EXIT_BUDGET_FAILED, EXIT_OK, UserError
 from ..evaluate import build_baseline, compare_to_baseline
@@ -42,7 +42,7 @@ from ..models import LoadedModel, load_model, load_tokenizer
 from ..progress import console
 from ..quant import GPTQOptions, QuantSpec, quantize
 from ..quant.formats import get_format
-from ..quant.plan import load_plan
+from ..quant.plan import check_fused_plan, load_plan
 from ..stream.source import CheckpointParts, check_model_files
 from ..tasks import compare_task_results, evaluate_task, load_task, tasks_summary
 from .budget import Limit, check_budget
@@ -110,22 +110,6 @@ def candidates(settings: AuditSettings, model: torch.nn.Module) -> list[Candidat
                              f"mixed precision from {settings.plan}: {mix}; other layers {plan.default}",
                              "MIXED_PRECISION"))
     return out
-
-
-def check_fused_plan(layers: dict[str, str], default: str, model: torch.nn.Module, where: str) -> None:
-    """TensorRT-LLM runs q/k/v (and gate/up) of one decoder layer as one GEMM, with one format: a plan
-    mixing formats inside one is refused (by ``audit --plan`` as by ``export --plan``)."""
-    arch = architecture(model)
-    for name in layers:
-        found = arch.group_of(name)
-        if found is None or not found[0].fused:
-            continue
-        group, prefix = found
-        formats = {prefix + path: layers.get(prefix + path, default) for path in group.linears}
-        if len(set(formats.values())) > 1:
-            shown = ", ".join(f"{n}={f}" for n, f in formats.items())
-            raise UserError(f"{where} mixes formats inside one fused TensorRT-LLM GEMM ({shown}), which no engine can "
-                            "run: give these linears one format")
 
 
 def format_entry(candidate: Candidate, settings: AuditSettings, qm, stats: dict, quantize_seconds: float,

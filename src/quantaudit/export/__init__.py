@@ -38,11 +38,6 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)  # what the runtime may not load
 
 
-def check_output_dir(out: str | Path, force: bool) -> Path:
-    """Refuse a file, or an existing non-empty folder unless ``force`` (checked before any slow work)."""
-    return check_out_dir(out, force)
-
-
 @contextmanager
 def _fresh_directory(out: Path, force: bool) -> Iterator[Path]:
     """A folder that becomes ``out`` (replacing it whole) when the block finishes; ``out`` is untouched if it fails."""
@@ -81,7 +76,7 @@ def export_checkpoint(qm, base_config, out_dir: str | Path, target: str = "trtll
 
     if target not in TARGETS:
         raise UserError(f"--target must be one of {', '.join(TARGETS)} (got {target!r})")
-    out = check_output_dir(out_dir, force)
+    out = check_out_dir(out_dir, force)  # a file, or a non-empty folder without force: refused before any work
     if target == "trtllm":
         ck = build_trtllm(qm, base_config, dtype, tp)
         quant, files = ck.config["quantization"], {"config.json": ck.config}
@@ -119,5 +114,5 @@ def export_checkpoint(qm, base_config, out_dir: str | Path, target: str = "trtll
     return ExportResult(out, target, algo, kv_algo, written, notes, warnings)
 
 
-__all__ = ["TARGETS", "BuildSettings", "ExportResult", "add_export_arguments", "check_output_dir", "export_checkpoint",
+__all__ = ["TARGETS", "BuildSettings", "ExportResult", "add_export_arguments", "export_checkpoint",
            "run_export"]

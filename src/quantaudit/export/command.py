@@ -61,24 +61,23 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from ..audit.run import check_fused_plan
+    from ..arch import architecture
     from ..audit.settings import at_least, check_text_flags
     from ..data import load_windows
-    from ..fileio import out_lock
+    from ..fileio import check_out_dir, out_lock
     from ..models import load_model
     from ..progress import console
     from ..quant import GPTQOptions, QuantSpec, quantize
     from ..quant.engine import GROUP_SIZES
     from ..quant.formats import get_format, get_kv_cache_format
-    from ..quant.plan import check_layers, read_plan
+    from ..quant.plan import check_fused_plan, check_layers, read_plan
     from ..stream.source import check_model_files
-    from . import TARGETS, check_output_dir, export_checkpoint
+    from . import TARGETS, export_checkpoint
     from .build import BuildSettings, record_bench, run_build_script, runtime_missing
     from .hf import check_hf_request
-    from ..arch import architecture
     from .trtllm import check_trtllm_formats, check_trtllm_kv, check_trtllm_request
 
-    out = check_output_dir(args.out, args.force)
+    out = check_out_dir(args.out, args.force)
     check_text_flags(args)
     for flag in ("--tp", "--max-batch-size", "--max-input-len", "--max-output-len"):
         at_least(flag, getattr(args, flag[2:].replace("-", "_")), 1)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import UserError
 from ..arch import architecture
+from ..errors import UserError
 from .formats import FORMATS
 
 PLAN_EXAMPLE = '{"plan": {"model.layers.0.mlp.down_proj": "fp8", ...}}'
@@ -86,3 +86,19 @@ def read_plan(path: str | Path) -> MixedPlan:
 def load_plan(path: str | Path, model: nn.Module) -> MixedPlan:
     """:func:`read_plan`, then :func:`check_layers` against ``model``."""
     return check_layers(read_plan(path), model, f"plan file {path}")
+
+
+def check_fused_plan(layers: dict[str, str], default: str, model: nn.Module, where: str) -> None:
+    """TensorRT-LLM runs q/k/v (and gate/up) of one decoder layer as one GEMM, with one format: a plan
+    mixing formats inside one is refused (by ``audit --plan`` as by ``export --plan``)."""
+    arch = architecture(model)
+    for name in layers:
+        found = arch.group_of(name)
+        if found is None or not found[0].fused:
+            continue
+        group, prefix = found
+        formats = {prefix + path: layers.get(prefix + path, default) for path in group.linears}
+        if len(set(formats.values())) > 1:
+            shown = ", ".join(f"{n}={f}" for n, f in formats.items())
+            raise UserError(f"{where} mixes formats inside one fused TensorRT-LLM GEMM ({shown}), which no engine can "
+                            "run: give these linears one format")

@@ -54,7 +54,15 @@ from ..metrics import PairedAccumulator, PerplexityAccumulator, summarize_logits
 from ..models import model_folder
 from ..progress import console, track
 from ..quant.calibrate import LayerInputs, _layer_output, first_layer_inputs
-from ..quant.engine import LayerPlan, LayerRecord, QuantizedModel, QuantSpec, _calib_info, plan_layers, quantize_layer
+from ..quant.engine import (
+    LayerPlan,
+    LayerRecord,
+    QuantizedModel,
+    QuantSpec,
+    _calib_info,
+    plan_layers,
+    quantize_layer,
+)
 from ..quant.kvcache import KVQuantizer, attach_kv_quantizer
 from .source import CheckpointParts, checkpoint_fp32_bytes
 from .spill import SpillStore
