@@ -26,6 +26,15 @@ TINY_FAMILIES = {
     "gemma3_text": ("gemma3_text", {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]}),
     "olmo2": ("olmo2", {}),
     "phi3": ("phi3", {"pad_token_id": 0}),
+    # Mixture of Experts: 4 experts, 2 per token
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                                "mlp_only_layers": [0]}),  # layer 0 dense, layer 1 sparse
+    "gpt_oss": ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16,
+                            "layer_types": ["sliding_attention", "full_attention"],  # attention sinks, biases
+                            "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0,
+                                                "original_max_position_embeddings": 32, "beta_fast": 32.0,
+                                                "beta_slow": 1.0, "truncate": False}}),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 

@@ -229,7 +229,7 @@ def cmd_audit(args) -> int:
         kv_cache=args.kv_cache, kv_scales=args.kv_scales, calib=args.calib, calib_size=args.calib_size, calib_seq=args.calib_seq,
         eval=args.eval, windows=args.windows, seq_len=args.seq_len, bos=args.bos, group_size=args.group_size,
         exclude=_split(args.exclude), include_lm_head=args.include_lm_head,
-        smoothquant_alpha=args.smoothquant_alpha, act_order=args.act_order, plan=args.plan, budget=args.budget, top_k=args.top_k,
+        smoothquant_alpha=args.smoothquant_alpha, act_order=args.act_order, gptq_scale=args.gptq_scale, plan=args.plan, budget=args.budget, top_k=args.top_k,
         drift_windows=args.drift_windows, sensitivity=args.sensitivity_granularity,
         sensitivity_windows=args.sensitivity_windows, batch_size=args.batch_size, device=args.device, gpu=args.gpu,
         streaming=args.streaming, stream_ram_mb=args.stream_ram,

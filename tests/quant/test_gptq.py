@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantaudit.quant.gptq import HessianAccumulator, gptq_quantize
-from quantaudit.quant.numerics import grouped, int_codes, int_scale
+from quantaudit.quant.algorithms import ALGORITHMS, GroupJob
+from quantaudit.quant.calibrate import InputStats
+from quantaudit.quant.engine import QuantSpec
+from quantaudit.quant.formats import get_format
+from quantaudit.quant.gptq import HessianAccumulator, group_scales, gptq_quantize
+from quantaudit.quant.numerics import MIN_SCALE, grouped, int_codes, int_scale
 
 
 def correlated_inputs(n: int, in_features: int, seed: int) -> torch.Tensor:
@@ -38,7 +42,28 @@ def output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float
     return torch.linalg.norm(x @ w.double().T - x @ w_hat.double().T).item()
 
 
-def slow_gptq(w, h, group_size, bits=4, percdamp=0.01, act_order=False):
+def mse_scale(x: torch.Tensor, bits: int = 4) -> float:
+    """One group's scale as the reference's ``Quantizer(mse=True)`` with llm-compressor's observer grid picks it,
+    written out element by element: amax shrunk by 0 to 19 %, the smallest sum |x - q(x)|^2.4 wins."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = float(x.abs().max())
+    best_err, best_scale = None, None
+    for i in range(20):
+        scale = max(amax * (1 - i / 100) / qmax, MIN_SCALE)
+        err = sum(abs(v - min(max(round(v / scale), -qmax - 1), qmax) * scale) ** 2.4 for v in x.tolist())
+        if best_err is None or err < best_err:
+            best_err, best_scale = err, scale
+    return best_scale
+
+
+def reference_scales(w: torch.Tensor, bits: int, search: str) -> torch.Tensor:
+    """[rows, groups] scales of ``w`` ``[rows, groups, group]``."""
+    if search == "amax":
+        return int_scale(w.abs().amax(dim=-1), bits).to(w.dtype)
+    return torch.tensor([[mse_scale(g.float(), bits) for g in row] for row in w], dtype=w.dtype)
+
+
+def slow_gptq(w, h, group_size, bits=4, percdamp=0.01, act_order=False, scale_search="amax"):
     """Textbook OBS/GPTQ in float64: one column at a time, no blocks, no Cholesky trick.
 
     After rounding column j, the remaining columns F = j.. move by -(w_j - q_j) / [H_F^-1]_00 times
@@ -52,7 +77,7 @@ def slow_gptq(w, h, group_size, bits=4, percdamp=0.01, act_order=False):
     n = w.shape[1]
     scales = torch.zeros(w.shape[0], n // group_size, dtype=torch.float64)
     if act_order:
-        scales[:] = int_scale(grouped(w, group_size).abs().amax(dim=-1), bits)
+        scales[:] = reference_scales(grouped(w, group_size), bits, scale_search)
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
     else:
         perm = torch.arange(n)
@@ -60,7 +85,7 @@ def slow_gptq(w, h, group_size, bits=4, percdamp=0.01, act_order=False):
     codes = torch.zeros_like(w)
     for j in range(n):
         if not act_order and j % group_size == 0:
-            scales[:, j // group_size] = int_scale(w[:, j : j + group_size].abs().amax(dim=1), bits)
+            scales[:, j // group_size] = reference_scales(w[:, None, j : j + group_size], bits, scale_search)[:, 0]
         scale = scales[:, perm[j] // group_size]
         codes[:, j] = int_codes(w[:, j], scale, bits)
         hinv_remaining = torch.linalg.inv(h[j:, j:])
@@ -101,8 +126,12 @@ def test_diagonal_hessian_has_nothing_to_compensate_and_equals_rtn():
     h = torch.diag(torch.rand(64) + 0.1)
     w = torch.randn(32, 64)
     for act_order in (False, True):
-        codes, scales = gptq_quantize(w, h, group_size=16, act_order=act_order)
+        codes, scales = gptq_quantize(w, h, group_size=16, act_order=act_order, scale_search="amax")
         assert torch.equal(dequant(codes, scales), rtn(w, 16))
+        codes, scales = gptq_quantize(w, h, group_size=16, act_order=act_order)  # MSE scales, then plain rounding
+        mse = group_scales(grouped(w, 16), 4)
+        assert torch.equal(scales, mse)
+        assert torch.equal(codes.float(), int_codes(w, mse.repeat_interleave(16, dim=1), 4))
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -125,23 +154,27 @@ def test_act_order_keeps_groups_contiguous_with_static_scales():
     w = torch.randn(16, 64)
     h = hessian_of(x)
     assert not torch.equal(torch.argsort(h.diagonal(), descending=True), torch.arange(64))
-    _, scales = gptq_quantize(w, h, group_size=16, act_order=True)
     # group k is original columns 16k..16k+15, scaled from the original weights (no g_idx needed)
+    _, scales = gptq_quantize(w, h, group_size=16, act_order=True, scale_search="amax")
     assert torch.equal(scales, int_scale(grouped(w, 16).abs().amax(dim=-1), 4))
+    _, scales = gptq_quantize(w, h, group_size=16)  # the default: act-order, MSE-searched static scales
+    torch.testing.assert_close(scales.double(), reference_scales(grouped(w, 16).double(), 4, "mse"), rtol=1e-6, atol=0)
+    assert (scales < int_scale(grouped(w, 16).abs().amax(dim=-1), 4)).any()  # some groups do clip
 
 
 @pytest.mark.parametrize(
-    ("group_size", "block_size", "act_order"),
-    [(16, 32, False), (8, 32, False), (32, 16, False), (16, 32, True)],
+    ("group_size", "block_size", "act_order", "scale_search"),
+    [(16, 32, False, "amax"), (8, 32, False, "amax"), (32, 16, False, "amax"), (16, 32, True, "amax"),
+     (16, 32, True, "mse"), (16, 32, False, "mse")],
 )
-def test_blocked_gptq_equals_the_slow_column_by_column_reference(group_size, block_size, act_order):
+def test_blocked_gptq_equals_the_slow_column_by_column_reference(group_size, block_size, act_order, scale_search):
     x = correlated_inputs(400, 64, seed=5)
     x[:, 9] = 0  # a dead input channel: H_99 == 0
     w = torch.randn(24, 64, generator=torch.Generator().manual_seed(6))
     codes, scales = gptq_quantize(
-        w, hessian_of(x), group_size=group_size, block_size=block_size, act_order=act_order
+        w, hessian_of(x), group_size=group_size, block_size=block_size, act_order=act_order, scale_search=scale_search
     )
-    ref_codes, ref_scales = slow_gptq(w, hessian_of(x), group_size, act_order=act_order)
+    ref_codes, ref_scales = slow_gptq(w, hessian_of(x), group_size, act_order=act_order, scale_search=scale_search)
     # float32 blocked vs float64 unblocked: identical codes unless a value lands within rounding
     # noise of a grid midpoint, which this fixed seed does not produce
     assert torch.equal(codes.double(), ref_codes)
@@ -172,3 +205,19 @@ def test_bad_arguments_raise():
         gptq_quantize(w, torch.eye(8), group_size=4)
     with pytest.raises(ValueError, match="NaN"):
         gptq_quantize(w, torch.full((12, 12), float("nan")), group_size=4)
+
+
+def test_one_sweep_over_a_fused_groups_rows_gives_each_linear_its_own_codes():
+    """q/k/v read one input and share one Hessian: the engine's single sweep over their concatenated rows gives
+    exactly the codes and scales of one sweep per linear."""
+    x = correlated_inputs(300, 64, seed=7)
+    linears = [torch.nn.Linear(64, n, bias=False) for n in (32, 16, 16)]
+    stats = InputStats(64, {"hessian"}, 300)
+    stats.add(x)
+    job = GroupJob(fmt=get_format("int4_gptq"), spec=QuantSpec(format="int4_gptq"), names=["q", "k", "v"],
+                   linears=linears, group_size=16, fused=True, stats=stats)
+    results = ALGORITHMS["gptq"].run(job)
+    for linear, result in zip(linears, results):
+        codes, scales = gptq_quantize(linear.weight.detach(), stats.hessian.hessian(), group_size=16)
+        assert torch.equal(result.qweight.codes, codes)
+        assert torch.equal(result.qweight.scale.float(), scales.to(result.qweight.scale.dtype).float())

@@ -10,7 +10,8 @@ Per linear input this module measures, on the calibration windows: each channel'
 maximum, the ratio of the largest channel maximum to the median, the kurtosis of all values
 (Pearson, 3 for a Gaussian; Bondarenko et al. 2023 use it to spot outlier-prone layers), and the
 channels that dominate. One pass, forward pre-hooks, running float64 moments: memory is one
-vector per layer, independent of the number of windows.
+vector per layer, independent of the number of windows. MoE experts are measured on every token, as
+calibration sees them (:func:`quantaudit.moe.set_all_tokens`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from ..arch import architecture
 from ..data import Windows
+from ..moe import set_all_tokens
 from ..progress import track
 from .sensitivity import decoder_index
 
@@ -84,12 +86,14 @@ def activation_outliers(model: torch.nn.Module, linears: dict[str, torch.nn.Line
         m.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0]))
         for name, m in linears.items()
     ]
+    set_all_tokens(model, True)
     try:
         batches = range(0, calib.n, batch_size)
         for start in track(batches, "outlier audit", total=len(batches)):
             # logits of the last position only: the hooks need the linears' inputs, not a batch x vocabulary tensor
             model(input_ids=calib.ids[start : start + batch_size].to(device), use_cache=False, logits_to_keep=1)
     finally:
+        set_all_tokens(model, False)
         for h in hooks:
             h.remove()
     report = []

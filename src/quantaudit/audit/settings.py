@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import UserError
 from ..quant.formats import KV_SCALES, get_format, get_kv_cache_format
+from ..quant.gptq import SCALE_SEARCHES
 from .budget import DEFAULT_BUDGET, Limit, parse_budget
 
 DEFAULT_FORMATS = ("fp8", "int8_wo", "int8_sq", "int4_awq", "int4_gptq", "w4a8_awq")
@@ -35,7 +36,8 @@ class AuditSettings:
     exclude: list[str] = field(default_factory=list)
     include_lm_head: bool = False
     smoothquant_alpha: float | str = 0.5  # or "search" (quant.smoothquant)
-    act_order: bool = False  # GPTQ
+    act_order: bool = True  # GPTQ (quant.gptq: llm-compressor's actorder="static")
+    gptq_scale: str = "mse"  # GPTQ group scales: MSE-searched shrink of amax, or plain amax
     plan: str | None = None  # a mixed-precision plan file (quant.plan), audited next to the formats
     budget: str = DEFAULT_BUDGET
     top_k: int | None = None  # None: exact full-vocabulary baseline (quantaudit.baseline); K: top-K lower bound
@@ -147,5 +149,9 @@ def add_algorithm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoothquant-alpha", type=smoothquant_alpha, default=AuditSettings.smoothquant_alpha, metavar="A",
                    help="SmoothQuant migration strength (the paper's and ModelOpt's 0.5), or 'search' for a per-layer "
                         "grid search on the calibration data (default: %(default)s)")
-    p.add_argument("--act-order", action="store_true",
-                   help="GPTQ: quantize columns in order of decreasing Hessian diagonal, with static groups")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=AuditSettings.act_order,
+                   help="GPTQ: quantize columns in order of decreasing Hessian diagonal, with static groups (no g_idx; "
+                        "llm-compressor's default); --no-act-order sweeps columns in order (default: on)")
+    p.add_argument("--gptq-scale", choices=SCALE_SEARCHES, default=AuditSettings.gptq_scale,
+                   help="GPTQ group scales: mse shrinks each group's max |w| by up to 20%% where that lowers the "
+                        "rounding error (llm-compressor's MSE observer), amax takes max |w| / 7 (default: %(default)s)")

@@ -78,7 +78,7 @@ def export_checkpoint(qm, base_config, out_dir: str | Path, target: str = "trtll
         raise UserError(f"--target must be one of {', '.join(TARGETS)} (got {target!r})")
     out = check_out_dir(out_dir, force)  # a file, or a non-empty folder without force: refused before any work
     if target == "trtllm":
-        ck = build_trtllm(qm, base_config, dtype, tp)
+        ck = build_trtllm(qm, base_config, dtype, tp, build.max_seq_len)
         quant, files = ck.config["quantization"], {"config.json": ck.config}
         if ck.quant_cfg:
             files["quant_cfg.json"] = ck.quant_cfg

@@ -52,12 +52,17 @@ class BuildSettings:
     max_output_len: int = 1024
     bench_requests: int = 100
 
+    @property
+    def max_seq_len(self) -> int:
+        """trtllm-build's --max_seq_len: the longest sequence (prompt and output) the engine holds."""
+        return self.max_input_len + self.max_output_len
+
 
 def trtllm_build_command(quant_algo: str, kv_algo: str | None, tp: int, settings: BuildSettings) -> list[str]:
     options = BUILD_OPTIONS[quant_algo]
     cmd = ["trtllm-build", "--checkpoint_dir", ".", "--output_dir", "engine",
            "--max_batch_size", str(settings.max_batch_size), "--max_input_len", str(settings.max_input_len),
-           "--max_seq_len", str(settings.max_input_len + settings.max_output_len),
+           "--max_seq_len", str(settings.max_seq_len),
            "--gemm_plugin", options["gemm_plugin"]]
     if options.get("fp8_context_fmha") and kv_algo == "FP8":
         cmd += ["--use_fp8_context_fmha", "enable"]

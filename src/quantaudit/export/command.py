@@ -61,7 +61,6 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from ..arch import architecture
     from ..audit.settings import at_least, check_text_flags
     from ..data import load_windows
     from ..fileio import check_out_dir, out_lock
@@ -74,7 +73,7 @@ def run_export(args: argparse.Namespace) -> int:
     from ..stream.source import check_model_files
     from . import TARGETS, export_checkpoint
     from .build import BuildSettings, record_bench, run_build_script, runtime_missing
-    from .hf import check_hf_request
+    from .hf import check_hf_request, hf_architecture
     from .trtllm import check_trtllm_formats, check_trtllm_kv, check_trtllm_request
 
     out = check_out_dir(args.out, args.force)
@@ -101,18 +100,18 @@ def run_export(args: argparse.Namespace) -> int:
     spec = QuantSpec(format=fmt, kv_cache=args.kv_cache, kv_scales=args.kv_scales, group_size=args.group_size, plan=plan,
                      exclude=tuple(p.strip() for p in args.exclude.split(",") if p.strip()),
                      include_lm_head=args.include_lm_head, smoothquant_alpha=args.smoothquant_alpha,
-                     gptq=GPTQOptions(act_order=args.act_order))
+                     gptq=GPTQOptions(act_order=args.act_order, scale_search=args.gptq_scale))
     check_model_files(args.model)
     lm = load_model(args.model, device=args.device)
     if mixed:
         check_layers(mixed, lm.model, f"plan file {args.plan}")
         check_fused_plan(mixed.layers, fmt, lm.model, f"plan file {args.plan}")
-    if args.target == "trtllm":
-        check_trtllm_request(lm.config, args.tp)
-    else:
-        architecture(lm.model).check_layers(lm.model)  # every family of the table: ModelOpt's unified HF layout
-    calib = load_windows(args.calib, lm.tokenizer, args.calib_seq, args.calib_size, args.bos, role="calib")
     settings = BuildSettings(args.max_batch_size, args.max_input_len, args.max_output_len)
+    if args.target == "trtllm":
+        check_trtllm_request(lm.config, args.tp, settings.max_seq_len, {fmt, *(plan or {}).values()})
+    else:
+        hf_architecture(lm.model).check_layers(lm.model)  # ModelOpt's unified HF layout
+    calib = load_windows(args.calib, lm.tokenizer, args.calib_seq, args.calib_size, args.bos, role="calib")
     with out_lock(out):  # every input checked: --out is this run's until the checkpoint is written
         qm = quantize(lm.model, spec, calib)
         result = export_checkpoint(qm, lm.config, out, target=args.target, tp=args.tp, dtype=args.dtype,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import __version__
-from ..arch import architecture
+from ..arch import Architecture, architecture
 from ..errors import UserError
 from ..quant.formats import get_format, get_kv_cache_format
 from .layout import DTYPES, HF, HF_KV_ALGOS, HF_KV_SCALES, TRTLLM, TRTLLM_REFUSED, Storage
@@ -60,6 +60,16 @@ def check_hf_request(formats: set[str], kv_algo: str | None, tp: int) -> None:
     if kv_algo and kv_algo not in HF_KV_ALGOS:
         raise UserError(f"--target hf supports KV cache {', '.join(HF_KV_ALGOS)} only (vLLM's ModelOpt loader); "
                         f"got {kv_algo}")
+
+
+def hf_architecture(model) -> Architecture:
+    """The table entry of ``model`` if ``--target hf`` writes its layout: every family whose checkpoints store MoE
+    experts one linear each (GPT-OSS stores 3-D expert tensors, a quantized layout not written yet)."""
+    arch = architecture(model)
+    if arch.moe and arch.moe.checkpoint_experts is None:
+        raise UserError(f"--target hf: {arch.family} checkpoints hold the experts as 3-D tensors, whose quantized "
+                        "layout quantaudit does not write yet; export a dense family, mixtral or qwen3_moe")
+    return arch
 
 
 def _storage(qm, tp: int) -> tuple[str, Storage, int | None]:
@@ -96,7 +106,7 @@ def build_hf(qm, base_config, dtype: str = "float16", tp: int = 1) -> HfCheckpoi
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     torch_dtype = DTYPES[dtype]
     fmt, storage, group = _storage(qm, tp)
-    arch = architecture(qm.model)
+    arch = hf_architecture(qm.model)
     n_layers = len(qm.model.model.layers)  # checked against the table when it was quantized
     kv_algo = get_kv_cache_format(qm.spec.kv_cache).trtllm_kv_cache_quant_algo
     state = qm.model.state_dict()
@@ -105,7 +115,8 @@ def build_hf(qm, base_config, dtype: str = "float16", tp: int = 1) -> HfCheckpoi
     excluded = []
     for i in range(n_layers):
         prefix = f"model.layers.{i}."
-        for names, norm in ((g.linears, g.norm) for g in arch.groups if g.norm):  # fed by a norm: pqs folded there
+        groups = arch.layer_groups(qm.model.model.layers[i])
+        for names, norm in ((g.linears, g.norm) for g in groups if g.norm):  # fed by a norm: pqs folded there
             group_parts = parts_of(qm, [prefix + n for n in names])
             quantized = common_format(group_parts, f"{prefix}{{{','.join(names)}}}")[0] is not None
             norm_weight = state[f"{prefix}{norm}.weight"].float()
@@ -116,7 +127,7 @@ def build_hf(qm, base_config, dtype: str = "float16", tp: int = 1) -> HfCheckpoi
             for part in group_parts:
                 tensors.update(_linear(part.name, group_parts, part, storage if quantized else PLAIN, torch_dtype, True))
                 excluded += [] if quantized else [part.name]
-        for unfolded in (g for g in arch.groups if not g.norm):
+        for unfolded in (g for g in groups if not g.norm):
             group_parts = parts_of(qm, [prefix + n for n in unfolded.linears])
             for part in group_parts:
                 shared = group_parts if unfolded.fused else [part]  # one GEMM: its shared scales checked across parts
@@ -132,6 +143,12 @@ def build_hf(qm, base_config, dtype: str = "float16", tp: int = 1) -> HfCheckpoi
     if head.quantized or not tied:
         tensors.update(_linear("lm_head", [head], head, storage if head.quantized else PLAIN, torch_dtype, False))
     excluded = ([] if head.quantized else ["lm_head"]) + excluded
+    for router in arch.router_names(qm.model.model.layers):  # MoE routers: 16 bit, excluded as ModelOpt lists them
+        tensors.update((f"{router}.{n}", p.detach().to(torch_dtype)) for n, p in qm.model.get_submodule(router).named_parameters())
+        excluded.append(router)
+    # MoE: per-expert linears and routers under the names the family's checkpoints use (Mixtral's w1/w3/w2)
+    tensors = {arch.checkpoint_name(n): t for n, t in tensors.items()}
+    excluded = [arch.checkpoint_name(n) for n in excluded]
 
     quantization = {"quant_algo": storage.quant_algo, "kv_cache_quant_algo": kv_algo}
     if storage.grouped:

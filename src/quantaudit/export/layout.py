@@ -64,35 +64,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..arch import TrtllmSlot
 from ..quant.formats import get_format
 
-
-@dataclass(frozen=True)
-class Slot:
-    """One TensorRT-LLM linear: the HF linears whose rows are concatenated into it."""
-
-    name: str  # below transformer.layers.N (or top level for lm_head)
-    hf: tuple[str, ...]  # below model.layers.N
-    parallel: str  # "column": outputs split across ranks; "row": inputs split
-    norm: str | None = None  # the TensorRT-LLM norm producing its input (SmoothQuant folding)
-
-
-DECODER_SLOTS = (
-    Slot("attention.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "column", "input_layernorm"),
-    Slot("attention.dense", ("self_attn.o_proj",), "row"),
-    Slot("mlp.fc", ("mlp.gate_proj",), "column", "post_layernorm"),
-    Slot("mlp.gate", ("mlp.up_proj",), "column", "post_layernorm"),
-    Slot("mlp.proj", ("mlp.down_proj",), "row"),
-)
-LM_HEAD_SLOT = Slot("lm_head", ("lm_head",), "column")
-# TensorRT-LLM norm -> HF norm, below the decoder layer.
-DECODER_NORMS = {"input_layernorm": "input_layernorm", "post_layernorm": "post_attention_layernorm"}
-# Top-level tensors: TensorRT-LLM name -> (HF parameter, dimension split across ranks or None).
-# ModelOpt writes use_parallel_embedding=true, embedding_sharding_dim=0: the vocabulary is split.
-TOP_TENSORS = {
-    "transformer.vocab_embedding.weight": ("model.embed_tokens.weight", 0),
-    "transformer.ln_f.weight": ("model.norm.weight", None),
-}
+# Per family, a decoder layer's linears and norms under their TensorRT-LLM names: arch.TrtllmDecoder.
+LM_HEAD_SLOT = TrtllmSlot("lm_head", ("lm_head",), "column")
+# ModelOpt writes use_parallel_embedding=true, embedding_sharding_dim=0: the vocabulary is split across ranks.
+EMBEDDING = ("transformer.vocab_embedding.weight", "model.embed_tokens.weight", 0)
+FINAL_NORM = ("transformer.ln_f.weight", "model.norm.weight")
 # (1,) float32: the engine's one K/V scale of the layer (QuantSpec.kv_scales "shared"), what TensorRT-LLM runs
 KV_CACHE_SCALE = "attention.kv_cache_scaling_factor"
 # ModelOpt writes these too; TensorRT-LLM's preprocess_weights replaces them by their max (equal here)
@@ -149,6 +128,9 @@ PACKED = ("out/2", "in")
 FP4_PACKED = ("out", "in/2")
 GROUPS = ("out", "in/g")
 ONE = ("1",)
+# A linear's bias (Qwen 2's q/k/v), in the checkpoint dtype whatever the format, as ModelOpt's postprocess_tensors
+# casts it and TensorRT-LLM's linears add it after the GEMM.
+BIAS = TensorSpec("bias", "bias", None, ("out",))
 
 
 

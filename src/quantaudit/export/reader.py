@@ -1,9 +1,11 @@
 """Read an exported checkpoint back into a PyTorch model: the round-trip proof.
 
-:func:`load_trtllm_checkpoint` and :func:`load_hf_checkpoint` rebuild a Hugging Face
-``LlamaForCausalLM`` from the checkpoint files alone (config + safetensors; nothing from the
-quantized model): ranks are reassembled, the qkv rows are split back into Q, K and V (per rank, by
-heads), INT4 and FP4 bytes unpacked, and every quantized linear becomes a
+:func:`load_trtllm_checkpoint` and :func:`load_hf_checkpoint` rebuild a Hugging Face causal LM of
+the checkpoint's family (the TensorRT-LLM ``architecture`` looked up in :mod:`quantaudit.arch`) from the
+checkpoint files alone (config + safetensors; nothing from the quantized model): ranks are reassembled,
+the qkv rows are split back into Q, K and V (per rank, by heads) and fused HF linears (Phi-3's
+``qkv_proj``, ``gate_up_proj``) put back together in their own row order, INT4 and FP4 bytes unpacked,
+Gemma's stored ``1 + w`` norms applied as stored, and every quantized linear becomes a
 :class:`~quantaudit.quant.qlinear.QuantLinear` computing ``quant_act(x * pre_quant_scale) @
 (codes * scale).T`` with the stored codes and scales. The TensorRT-LLM layout is interpreted from
 its ``quant_algo`` through :mod:`quantaudit.export.layout`, the same table the exporter writes from.
@@ -29,26 +31,28 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..arch import ARCHITECTURES, TrtllmDecoder, TrtllmSlot, architecture
 from ..errors import UserError
+from ..moe import linearize_experts
 from ..quant.formats import KV_CACHE_FORMATS, get_format
 from ..quant.kvcache import install_kv_quantizers
 from ..quant.qlinear import QuantizedWeight, QuantLinear
 from ..quant.weightonly import trtllm_weight_only_quantize
 from .layout import (
-    DECODER_NORMS,
-    DECODER_SLOTS,
+    BIAS,
     DTYPES,
+    EMBEDDING,
+    FINAL_NORM,
     HF,
     HF_KV_SCALES,
     KV_CACHE_SCALE,
     LM_HEAD_SLOT,
-    TOP_TENSORS,
     TRTLLM,
-    Slot,
     Storage,
+    TensorSpec,
     split_axis,
 )
-from .linears import PLAIN
+from .linears import FULL_ATTENTION, PLAIN, SLIDING_ATTENTION, block_rows
 from .packing import PACKINGS, unshard
 
 
@@ -165,17 +169,19 @@ def _w8a16(per_rank: list[torch.Tensor], parallel: str, dtype: torch.dtype, part
     return torch.cat(codes, dim=1), torch.cat(scales, dim=1), group
 
 
-def _read_slot(ranks: _Ranks, name: str, slot: Slot, storage: Storage, modules: list[nn.Linear], group: int | None,
-               dtype: torch.dtype) -> list[nn.Module]:
-    part_sizes = [m.out_features for m in modules]
+def _read_slot(ranks: _Ranks, name: str, slot: TrtllmSlot, specs: tuple[TensorSpec, ...], part_sizes: list[int],
+               dtype: torch.dtype) -> list[dict]:
+    """Each part's rows of the slot's tensors, keyed by suffix (INT4/FP4 codes unpacked; ``w8a16``: the codes,
+    scales and group TensorRT-LLM's load-time quantization gives those rows)."""
     full: dict[str, torch.Tensor] = {}
+    out_axes: dict[str, int | None] = {}
     w8a16 = None
-    for spec in storage.tensors:
+    for spec in specs:
         per_rank = ranks.get(f"{name}.{spec.suffix}")
         if per_rank is None:
             if spec.row_only and slot.parallel != "row":
                 continue
-            raise UserError(f"checkpoint lacks {name}.{spec.suffix}, which {storage.quant_algo or 'an unquantized linear'} needs")
+            raise UserError(f"checkpoint lacks {name}.{spec.suffix}, which {name} needs")
         if spec.role == "load_source":
             w8a16 = _w8a16(per_rank, slot.parallel, dtype, part_sizes)
             continue
@@ -183,34 +189,80 @@ def _read_slot(ranks: _Ranks, name: str, slot: Slot, storage: Storage, modules: 
             per_rank = [PACKINGS[spec.pack_axis][1](t) for t in per_rank]
         axis = split_axis(spec.shape, slot.parallel)
         full[spec.suffix] = _unshard_slot(per_rank, axis, part_sizes if slot.parallel == "column" else [1])
-    modules_out = []
-    offset = 0
-    for m in modules:
-        own = {}
-        for spec in storage.tensors:
-            if spec.suffix not in full:
-                continue
-            t = full[spec.suffix]
-            per_out = any(d.startswith("out") for d in spec.shape)
-            axis = next((i for i, d in enumerate(spec.shape) if d.startswith("out")), None)
-            own[spec.suffix] = t.narrow(axis, offset, m.out_features) if per_out else t
-        part_w8a16 = None
+        out_axes[spec.suffix] = next((i for i, d in enumerate(spec.shape) if d.startswith("out")), None)
+    pieces, offset = [], 0
+    for size in part_sizes:
+        own = {k: t if out_axes[k] is None else t.narrow(out_axes[k], offset, size) for k, t in full.items()}
         if w8a16 is not None:
-            codes, scale, g = w8a16
-            part_w8a16 = (codes[offset: offset + m.out_features], scale[offset: offset + m.out_features], g)
-        modules_out.append(_decode(storage, own, (m.out_features, m.in_features), group, dtype, part_w8a16))
-        offset += m.out_features
-    return modules_out
+            codes, scale, group = w8a16
+            own["w8a16"] = (codes[offset: offset + size], scale[offset: offset + size], group)
+        pieces.append((own, out_axes))
+        offset += size
+    return pieces
+
+
+def _joined(pieces: list[tuple[dict, dict]]) -> dict:
+    """Row blocks of one fused HF linear (in its row order) as the linear's tensors."""
+    if len(pieces) == 1:
+        return pieces[0][0]
+    first, out_axes = pieces[0]
+    out = {k: first[k] if out_axes.get(k) is None else torch.cat([p[k] for p, _ in pieces], dim=out_axes[k])
+           for k in first if k != "w8a16"}
+    if "w8a16" in first:
+        out["w8a16"] = (torch.cat([p["w8a16"][0] for p, _ in pieces]), torch.cat([p["w8a16"][1] for p, _ in pieces]),
+                        first["w8a16"][2])
+    return out
+
+
+class _StoredNorm(nn.Module):
+    """TensorRT-LLM's RmsNorm of a ``(1 + w)·x̂`` family, whose checkpoint holds ``1 + w``: the HF norm's own
+    float32 normalisation times the stored weight, cast back - what Gemma's RMSNorm computes, ``1.0 + w`` being
+    the stored value (a ``w`` read back as ``stored - 1`` would not always round to it again)."""
+
+    def __init__(self, norm: nn.Module, weight: torch.Tensor):
+        super().__init__()
+        self.eps = norm.eps
+        self.normalize = type(norm)._norm
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.normalize(self, x.float()) * self.weight.float()).type_as(x)
+
+
+def _hf_config(cfg: dict, decoder: TrtllmDecoder) -> dict:
+    """The HF config of what TensorRT-LLM's ``decoder`` computes from ``cfg``: global attention (its engine
+    attends to every token it holds), the activation under its HF name, the family's own keys."""
+    act = {trt: hf for hf, trt in decoder.hidden_act}[cfg["hidden_act"]]
+    rope = {"rope_type": "default", "rope_theta": cfg["rotary_base"]}
+    if cfg["rotary_pct"] != 1.0:
+        rope["partial_rotary_factor"] = cfg["rotary_pct"]
+    kw = dict(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+              num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+              num_key_value_heads=cfg["num_key_value_heads"], head_dim=cfg["head_size"], rms_norm_eps=cfg["norm_epsilon"],
+              max_position_embeddings=cfg["max_position_embeddings"], hidden_act=act, hidden_activation=act,
+              rope_parameters=rope, sliding_window=cfg["max_position_embeddings"],
+              pad_token_id=None,  # not in the checkpoint; an embedding's padding index changes no forward
+              **{k: cfg[k] for k in decoder.copied})
+    if decoder.local_rope:  # models/gemma/model.py: layer i is local iff (i + 1) % _sliding_window_pattern
+        pattern = cfg["_sliding_window_pattern"]
+        kw["layer_types"] = [SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION
+                             for i in range(cfg["num_hidden_layers"])]
+        kw["rope_parameters"] = {FULL_ATTENTION: rope,
+                                 SLIDING_ATTENTION: {"rope_type": "default", "rope_theta": cfg["rope_local_base_freq"]}}
+    return kw
 
 
 def load_trtllm_checkpoint(path: str | Path) -> nn.Module:
-    """A ``LlamaForCausalLM`` computing what the TensorRT-LLM checkpoint at ``path`` defines."""
+    """The HF causal LM of the checkpoint's family computing what the TensorRT-LLM checkpoint at ``path`` defines."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json: not a TensorRT-LLM checkpoint")
     cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("architecture") != "LlamaForCausalLM":
-        raise UserError(f"{path}: architecture {cfg.get('architecture')!r}; the reader handles LlamaForCausalLM")
+    arch = next((a for a in ARCHITECTURES if a.trtllm and a.trtllm.architecture == cfg.get("architecture")), None)
+    if arch is None:
+        known = ", ".join(a.trtllm.architecture for a in ARCHITECTURES if a.trtllm)
+        raise UserError(f"{path}: architecture {cfg.get('architecture')!r}; the reader handles {known}")
+    decoder = arch.trtllm
     quant = cfg.get("quantization") or {}
     layer_cfgs = None
     if quant.get("quant_algo") == "MIXED_PRECISION":
@@ -227,30 +279,41 @@ def load_trtllm_checkpoint(path: str | Path) -> nn.Module:
             return PLAIN, None
         return _storage_for_algo(TRTLLM, quant), quant.get("group_size")
 
-    model = _causal_lm(dict(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
-        num_key_value_heads=cfg["num_key_value_heads"], head_dim=cfg["head_size"], rms_norm_eps=cfg["norm_epsilon"],
-        max_position_embeddings=cfg["max_position_embeddings"], hidden_act=cfg["hidden_act"],
-        rope_parameters={"rope_theta": cfg.get("rotary_base", 10000.0), "rope_type": "default"},
-    ))
-    state = {}
-    for trt_name, (hf_name, axis) in TOP_TENSORS.items():
-        state[hf_name] = unshard(ranks.get(trt_name), axis).float()
-    for i in range(cfg["num_hidden_layers"]):
-        for trt_norm, hf_norm in DECODER_NORMS.items():
-            state[f"model.layers.{i}.{hf_norm}.weight"] = ranks.get(f"transformer.layers.{i}.{trt_norm}.weight")[0].float()
+    model = _causal_lm(_hf_config(cfg, decoder), arch.model_types[0])
+    embedding, hf_embedding, axis = EMBEDDING
+    state = {hf_embedding: unshard(ranks.get(embedding), axis).float()}
+    norms = [(FINAL_NORM[0], FINAL_NORM[1])] + [
+        (f"transformer.layers.{i}.{trt}.weight", f"model.layers.{i}.{hf}.weight")
+        for i in range(cfg["num_hidden_layers"]) for trt, hf in decoder.norms]
+    for trt_name, hf_name in norms:
+        weight = ranks.get(trt_name)[0].float()
+        if arch.norm_offset:
+            model.set_submodule(hf_name[: -len(".weight")], _StoredNorm(model.get_submodule(hf_name[: -len(".weight")]), weight))
+        else:
+            state[hf_name] = weight
     model.load_state_dict(state, strict=False)
-    loaded = set(state)
+    loaded = set(state) | {hf for _, hf in norms}
     kv = [ranks.get(f"transformer.layers.{i}.{KV_CACHE_SCALE}") for i in range(cfg["num_hidden_layers"])]
     _install_kv(model, quant.get("kv_cache_quant_algo"), [(s[0], s[0]) for s in kv if s is not None])
     slots = [(f"transformer.layers.{i}.{s.name}", f"model.layers.{i}.", s)
-             for i in range(cfg["num_hidden_layers"]) for s in DECODER_SLOTS] + [("lm_head", "", LM_HEAD_SLOT)]
+             for i in range(cfg["num_hidden_layers"]) for s in decoder.slots]
+    if ranks.get("lm_head.weight") is None and cfg.get("share_embedding_table"):
+        model.lm_head.weight = model.model.embed_tokens.weight  # the embedding table is the lm_head
+        loaded.add("lm_head.weight")
+    else:
+        slots.append(("lm_head", "", LM_HEAD_SLOT))
     for name, hf_prefix, slot in slots:
         storage, group = storage_of(name)
-        hf_names = [hf_prefix + p for p in slot.hf]
-        modules = _read_slot(ranks, name, slot, storage, [model.get_submodule(n) for n in hf_names], group, dtype)
-        for hf_name, module in zip(hf_names, modules):
+        specs = storage.tensors + ((BIAS,) if slot.name in decoder.biased else ())
+        parts = [(hf_prefix + path, block or None) for path, _, block in (p.partition(":") for p in slot.parts)]
+        rows = [block_rows(block, model.get_submodule(hf).out_features, cfg["num_attention_heads"],
+                           cfg["num_key_value_heads"], cfg["head_size"]) for hf, block in parts]
+        pieces = _read_slot(ranks, name, slot, specs, [r.stop - r.start for r in rows], dtype)
+        for hf_name in dict.fromkeys(hf for hf, _ in parts):  # each HF linear once, its row blocks in row order
+            mine = sorted((r.start, piece) for (hf, _), r, piece in zip(parts, rows, pieces) if hf == hf_name)
+            own = _joined([piece for _, piece in mine])
+            linear = model.get_submodule(hf_name)
+            module = _decode(storage, own, (linear.out_features, linear.in_features), group, dtype, own.pop("w8a16", None))
             model.set_submodule(hf_name, module)
             loaded |= {f"{hf_name}.{n}" for n, _ in module.named_parameters()}
     _check_loaded(model, loaded)
@@ -273,7 +336,8 @@ def load_hf_checkpoint(path: str | Path) -> nn.Module:
     dtype = DTYPES[cfg.get("dtype") or cfg.get("torch_dtype")]
     keep = {k: v for k, v in cfg.items() if k not in ("quantization_config", "architectures", "dtype", "torch_dtype",
                                                           "transformers_version", "model_type")}
-    model = _causal_lm(keep, cfg.get("model_type", "llama"))
+    model = linearize_experts(_causal_lm(keep, cfg.get("model_type", "llama")))  # MoE: per-expert linears
+    arch = architecture(model)
     scales = [(tensors[f"model.layers.{i}.{HF_KV_SCALES[0]}"], tensors[f"model.layers.{i}.{HF_KV_SCALES[1]}"])
               for i in range(cfg["num_hidden_layers"]) if f"model.layers.{i}.{HF_KV_SCALES[0]}" in tensors]
     _install_kv(model, quant.get("kv_cache_quant_algo"), scales)
@@ -285,16 +349,20 @@ def load_hf_checkpoint(path: str | Path) -> nn.Module:
             continue
         if name == "lm_head" and "lm_head.weight" not in tensors:
             continue  # tied to the embedding
-        quantized = f"{name}.weight_scale" in tensors and not any(fnmatch.fnmatchcase(name, p) for p in excluded)
+        key = arch.checkpoint_name(name)  # MoE experts: the family's checkpoint names (Mixtral's w1/w3/w2)
+        quantized = f"{key}.weight_scale" in tensors and not any(fnmatch.fnmatchcase(key, p) for p in excluded)
         use = storage if quantized else PLAIN
-        own = {s.suffix: PACKINGS[s.pack_axis][1](tensors[f"{name}.{s.suffix}"]) if s.packed else tensors[f"{name}.{s.suffix}"]
-               for s in use.tensors if f"{name}.{s.suffix}" in tensors}
-        own["bias"] = tensors.get(f"{name}.bias")
+        own = {s.suffix: PACKINGS[s.pack_axis][1](tensors[f"{key}.{s.suffix}"]) if s.packed else tensors[f"{key}.{s.suffix}"]
+               for s in use.tensors if f"{key}.{s.suffix}" in tensors}
+        own["bias"] = tensors.get(f"{key}.bias")
         new = _decode(use, own, (module.out_features, module.in_features), quant.get("group_size"), dtype)
         model.set_submodule(name, new)
         loaded |= {f"{name}.{n}" for n, _ in new.named_parameters()}
     state = {k: v.float() for k, v in tensors.items()
              if k.endswith("norm.weight") or k == "model.embed_tokens.weight"}
+    for router in arch.router_names(model.model.layers):  # MoE routers, kept in 16 bit
+        state.update((f"{router}.{n}", tensors[arch.checkpoint_name(f"{router}.{n}")].float())
+                     for n, _ in model.get_submodule(router).named_parameters())
     model.load_state_dict(state, strict=False)
     if "lm_head.weight" not in tensors:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -2,17 +2,25 @@
 
 ``config.json`` has the keys, order and values ModelOpt 0.47's ``export_tensorrt_llm_checkpoint``
 writes for a Llama model without ``tensorrt_llm`` installed (``tensorrt_llm_utils
-.convert_to_tensorrt_llm_config``; compared with /work/shared/reference in the tests) with two
-deliberate differences: ``producer`` names quantaudit, and ``rotary_base`` is written - ModelOpt
-0.47 drops it under transformers 5 (``rope_theta`` moved into ``rope_parameters``), which would make
-TensorRT-LLM fall back to 10000 (SmolLM2 uses 100000). ``rank`` is 0 (ModelOpt writes the rank of
-the last writer; TensorRT-LLM sets the rank itself). Tensors follow :mod:`quantaudit.export.layout`;
-per rank, column-parallel linears are split on their outputs (Q, K and V each by whole heads, so
-GQA groups stay on one rank), row-parallel ones on their inputs, the vocabulary embedding and
-lm_head on the vocabulary. Linears left unquantized are listed in ``exclude_modules`` (with
-``lm_head`` unless it is quantized); a model whose quantized linears need more than one layer
-config (formats, or the INT4 group size where a layer fell back to 64) is ``MIXED_PRECISION``
-with ``quant_cfg.json``, as ModelOpt's ``process_layer_quant_config`` writes it.
+.convert_to_tensorrt_llm_config``; compared with /work/shared/reference in the tests), its
+``architecture`` and ``decoder`` those of the model's family (:class:`~quantaudit.arch.TrtllmDecoder`),
+followed by the keys the family's TensorRT-LLM config class reads (Qwen's ``qwen_type`` / ``attn_bias``,
+Gemma 2/3's ``query_pre_attn_scalar`` and soft-capping, Gemma 3's ``_sliding_window_pattern`` /
+``rope_local_base_freq`` / ``sliding_window``; ModelOpt takes those from TensorRT-LLM's
+``config_cls.from_hugging_face`` where ``tensorrt_llm`` is installed and writes no checkpoint for these
+families without it). Two deliberate differences: ``producer`` names quantaudit, and ``rotary_base`` (Gemma
+3's ``rope_local_base_freq`` too) is the model's - ModelOpt 0.47 and TensorRT-LLM's ``from_hugging_face``
+read ``rope_theta``, which transformers 5 moved into ``rope_parameters``, and fall back to a default (10000;
+SmolLM2 uses 100000, Gemma 3's global layers 1e6). ``rank`` is 0 (ModelOpt writes the rank of the last
+writer; TensorRT-LLM sets the rank itself). Tensors follow :mod:`quantaudit.export.layout`; per rank,
+column-parallel linears are split on their outputs (Q, K and V each by whole heads, so GQA groups stay on
+one rank), row-parallel ones on their inputs, the vocabulary embedding and lm_head on the vocabulary.
+Gemma's ``(1 + w)`` norms are stored as ``1 + w`` (TensorRT-LLM's RmsNorm multiplies by its weight); a
+Gemma lm_head tied to the embedding and left unquantized is not written (``share_embedding_table``, as
+ModelOpt forces for the gemma decoders). Linears left unquantized are listed in ``exclude_modules`` (with
+``lm_head`` unless it is quantized); a model whose quantized linears need more than one layer config
+(formats, or the INT4 group size where a layer fell back to 64) is ``MIXED_PRECISION`` with
+``quant_cfg.json``, as ModelOpt's ``process_layer_quant_config`` writes it.
 """
 
 from __future__ import annotations
@@ -22,12 +30,36 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import __version__
+from ..arch import TrtllmSlot
 from ..errors import UserError
 from ..quant.formats import get_format, get_kv_cache_format
 from ..quant.weightonly import trtllm_weight_only_quantize
-from .layout import (DECODER_NORMS, DECODER_SLOTS, DTYPES, KV_CACHE_SCALE, KV_SEPARATE_SCALES, LM_HEAD_SLOT, TOP_TENSORS,
-                     TRTLLM, TRTLLM_REFUSED, Dims, Slot, Storage, split_axis, trtllm_layer_config)
-from .linears import PLAIN, ModelFacts, Part, common_format, encode, model_facts, out_axis, parts_of, role_value
+from .layout import (
+    BIAS,
+    DTYPES,
+    EMBEDDING,
+    FINAL_NORM,
+    KV_CACHE_SCALE,
+    KV_SEPARATE_SCALES,
+    LM_HEAD_SLOT,
+    TRTLLM,
+    TRTLLM_REFUSED,
+    Dims,
+    Storage,
+    split_axis,
+    trtllm_layer_config,
+)
+from .linears import (
+    PLAIN,
+    ModelFacts,
+    Part,
+    common_format,
+    encode,
+    model_facts,
+    out_axis,
+    parts_of,
+    role_value,
+)
 from .packing import shard
 
 
@@ -36,7 +68,7 @@ class PlacedSlot:
     """One TensorRT-LLM linear of this model: where it goes and how it is stored."""
 
     name: str  # full TensorRT-LLM name
-    slot: Slot
+    slot: TrtllmSlot
     parts: list[Part]
     format: str | None  # None: unquantized
     group_size: int | None
@@ -46,7 +78,7 @@ class PlacedSlot:
         return TRTLLM[self.format] if self.format else PLAIN
 
     def dims(self) -> Dims:
-        return Dims(sum(p.record.out_features for p in self.parts), self.parts[0].record.in_features, self.group_size)
+        return Dims(sum(p.out_features for p in self.parts), self.parts[0].record.in_features, self.group_size)
 
     def layer_config(self) -> dict | None:
         return trtllm_layer_config(self.storage, self.group_size) if self.format else None
@@ -65,9 +97,14 @@ class TrtllmCheckpoint:
 def place_slots(qm, facts: ModelFacts) -> list[PlacedSlot]:
     placed = []
     for i in range(facts.layers):
-        for slot in DECODER_SLOTS:
+        for slot in facts.decoder.slots:
             name = f"transformer.layers.{i}.{slot.name}"
-            parts = parts_of(qm, [f"model.layers.{i}.{p}" for p in slot.hf])
+            parts = parts_of(qm, [f"model.layers.{i}.{p}" for p in slot.parts], facts)
+            biased = slot.name in facts.decoder.biased
+            odd = next((p for p in parts if (p.record.bias is not None) != biased), None)
+            if odd:
+                raise UserError(f"{odd.name} has {'no ' if biased else 'a '}bias, but TensorRT-LLM's {facts.decoder.decoder} "
+                                f"decoder {'adds one to' if biased else 'has none in'} {slot.name}; use --target hf")
             placed.append(PlacedSlot(name, slot, parts, *common_format(parts, name)))
     head = parts_of(qm, ["lm_head"])
     placed.append(PlacedSlot("lm_head", LM_HEAD_SLOT, head, *common_format(head, "lm_head")))
@@ -82,6 +119,19 @@ def check_trtllm_formats(formats: set[str]) -> None:
             raise UserError(f"{fmt} cannot be exported as a TensorRT-LLM checkpoint: {TRTLLM_REFUSED[fmt]}")
         if fmt not in TRTLLM:
             raise UserError(f"format {fmt} has no TensorRT-LLM checkpoint layout")
+
+
+def _check_family_formats(facts: ModelFacts, formats: set[str]) -> None:
+    """Formats TensorRT-LLM applies to whole attention/MLP blocks need a decoder whose norms all feed a linear: their
+    quantization (quantization/quantize.py ``smooth_quantize_plugin``, ``fp8_rowwise_quantize``) replaces every
+    RmsNorm of the model but ln_f with one that quantizes its output, and its Attention with one built without
+    q/k norms."""
+    extra = [n for n, _ in facts.decoder.norms if n not in facts.decoder.norm_fed]
+    blocky = sorted(f for f in formats if f in TRTLLM and TRTLLM[f].whole_blocks)
+    if blocky and extra:
+        raise UserError(f"{blocky[0]} ({TRTLLM[blocky[0]].quant_algo}) makes TensorRT-LLM swap every RmsNorm of the decoder "
+                        f"for a quantizing one, but {facts.decoder.decoder}'s {', '.join(extra)} feed no linear: it would "
+                        "not run as audited; choose another format")
 
 
 def _check_blocks(placed: list[PlacedSlot]) -> None:
@@ -99,11 +149,16 @@ def _check_blocks(placed: list[PlacedSlot]) -> None:
             )
 
 
-def check_trtllm_request(config, tp: int) -> ModelFacts:
-    """The model is exportable and ``tp`` splits it (checked before quantizing)."""
-    facts = model_facts(config)
+def check_trtllm_request(config, tp: int, max_seq_len: int, formats: set[str]) -> ModelFacts:
+    """The model is exportable in ``formats`` for an engine of ``max_seq_len`` tokens and ``tp`` splits it (checked
+    before quantizing)."""
+    facts = model_facts(config, max_seq_len)
+    _check_family_formats(facts, formats)
     if tp < 1:
         raise UserError(f"--tp must be at least 1 (got {tp})")
+    if tp > 1 and facts.decoder.single_rank:
+        raise UserError(f"--tp {tp}: quantaudit writes {facts.model_type} models for one rank only: "
+                        f"{facts.decoder.single_rank}; export with --tp 1")
     sizes = {"attention heads": facts.heads, "KV heads": facts.kv_heads, "intermediate size": facts.intermediate,
              "vocabulary": facts.vocab}
     for what, n in sizes.items():
@@ -137,6 +192,8 @@ def _tensor(spec, placed: PlacedSlot, tp: int, dtype: torch.dtype) -> list[torch
 
 def _linear_tensors(placed: PlacedSlot, tp: int, dtype: torch.dtype) -> dict[str, list[torch.Tensor]]:
     specs = [s for s in placed.storage.tensors if not (s.row_only and placed.slot.parallel != "row")]
+    if placed.parts[0].record.bias is not None:
+        specs.append(BIAS)
     return {f"{placed.name}.{s.suffix}": _tensor(s, placed, tp, dtype) for s in specs}
 
 
@@ -159,10 +216,10 @@ def _quantization(placed: list[PlacedSlot], kv_algo: str | None) -> tuple[dict, 
             {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": kv_algo, "quantized_layers": layers})
 
 
-def _config(facts: ModelFacts, dtype_name: str, tp: int, quantization: dict) -> dict:
+def _config(facts: ModelFacts, dtype_name: str, tp: int, quantization: dict, shared_embedding: bool) -> dict:
     return {
         "producer": {"name": "quantaudit", "version": __version__},
-        "architecture": "LlamaForCausalLM",
+        "architecture": facts.decoder.architecture,
         "dtype": dtype_name,
         "logits_dtype": "float16" if dtype_name == "bfloat16" else dtype_name,
         "num_hidden_layers": facts.layers,
@@ -178,15 +235,16 @@ def _config(facts: ModelFacts, dtype_name: str, tp: int, quantization: dict) -> 
         "head_size": facts.head_dim,
         "intermediate_size": facts.intermediate,
         "position_embedding_type": "rope_gpt_neox",
-        "share_embedding_table": False,
+        "share_embedding_table": shared_embedding,
         "residual_mlp": False,
         "bias": False,
-        "rotary_pct": 1.0,
+        "rotary_pct": facts.rotary_pct,
         "rank": 0,
-        "decoder": "llama",
+        "decoder": facts.decoder.decoder,
         "rmsnorm": True,
         "lm_head_bias": False,
         "rotary_base": facts.rope_theta,
+        **facts.family_config,
         "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1},
         "quantization": quantization,
     }
@@ -210,7 +268,7 @@ def _load_time_changes(placed: list[PlacedSlot], ranks: list[dict[str, torch.Ten
     for p in placed:
         if not (p.format and get_format(p.format).weight.quantized_at_load):
             continue
-        audited = [part.record.dequantized_weight() for part in p.parts]
+        audited = [part.dequantized_weight() for part in p.parts]
         for r in range(tp):
             expected = (torch.cat([shard(a, 0, tp, r) for a in audited]) if p.slot.parallel == "column"
                         else shard(torch.cat(audited), 1, tp, r))
@@ -242,7 +300,7 @@ def _notes(placed: list[PlacedSlot], ranks: list[dict[str, torch.Tensor]], dtype
     return notes
 
 
-def _warnings(placed: list[PlacedSlot], tp: int) -> list[str]:
+def _warnings(placed: list[PlacedSlot], tp: int, facts: ModelFacts, max_seq_len: int) -> list[str]:
     """Loadability caveats: TensorRT-LLM's groupwise INT4 layers pad in/out features to a multiple of
     max(``WeightQuant.pad_multiple``, group) * tp (64; 128 for W4A8: ``quantization/layers.py``
     ``WeightOnlyGroupwiseQuantLinear``) and then require checkpoint tensors of the padded shape
@@ -250,26 +308,32 @@ def _warnings(placed: list[PlacedSlot], tp: int) -> list[str]:
     Implemented for ModelOpt HF-AWQ"). ModelOpt writes them unpadded, as we do. The engine already picks a
     group size that avoids the padding where one exists (``engine._group_size_for``); what remains are sizes
     no group size helps (SmolLM2's 576 under W4A8's 128, stories260K's 172 outputs) and uneven --tp splits.
-    Formats TensorRT-LLM's engine loader does not read at all carry their layout's ``caveat``."""
+    Formats TensorRT-LLM's engine loader does not read at all carry their layout's ``caveat``. A model with
+    sliding-window layers is exact only in engines of at most its window (checked against ``max_seq_len``)."""
     odd = []
     for p in placed:
         multiple = get_format(p.format).weight.pad_multiple if p.format else None
         if multiple and any(n % (max(multiple, p.group_size) * tp) for n in (p.dims().out, p.dims().inp)):
             odd.append(f"{p.name} ({p.dims().out}x{p.dims().inp}, multiple {max(multiple, p.group_size) * tp})")
     caveats = list(dict.fromkeys(f"{p.storage.quant_algo}: {p.storage.caveat}" for p in placed if p.format and p.storage.caveat))
+    if facts.sliding_window:
+        caveats.append(f"the audited model's sliding-window layers attend to the last {facts.sliding_window} tokens, "
+                       "TensorRT-LLM's to every token the engine holds: the same for engines of at most "
+                       f"{facts.sliding_window} tokens (build.sh builds {max_seq_len}); a longer --max_seq_len differs")
     if not odd:
         return caveats
-    return caveats + [f"{len(odd)} INT4 linears have sizes TensorRT-LLM's groupwise layer pads (it then expects padded "
-            f"checkpoint tensors; this checkpoint, like ModelOpt's, is unpadded), e.g. {odd[0]}: trtllm-build is "
-            "expected to reject them"]
+    return caveats + [(f"{len(odd)} INT4 linears have sizes TensorRT-LLM's groupwise layer pads (it then expects padded "
+                       f"checkpoint tensors; this checkpoint, like ModelOpt's, is unpadded), e.g. {odd[0]}: trtllm-build "
+                       "is expected to reject them")]
 
 
-def build_trtllm(qm, base_config, dtype: str = "float16", tp: int = 1) -> TrtllmCheckpoint:
-    """The TensorRT-LLM checkpoint of ``qm``: config, per-rank tensors and fidelity notes."""
+def build_trtllm(qm, base_config, dtype: str, tp: int, max_seq_len: int) -> TrtllmCheckpoint:
+    """The TensorRT-LLM checkpoint of ``qm`` for engines of at most ``max_seq_len`` tokens: config, per-rank
+    tensors and fidelity notes."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     torch_dtype = DTYPES[dtype]
-    facts = check_trtllm_request(base_config, tp)
+    facts = check_trtllm_request(base_config, tp, max_seq_len, {r.format for r in qm.layers.values() if r.quantized})
     placed = place_slots(qm, facts)
     _check_blocks(placed)
     _check_groups(placed, tp)
@@ -287,17 +351,25 @@ def build_trtllm(qm, base_config, dtype: str = "float16", tp: int = 1) -> Trtllm
         return [shard(t, axis, tp, r).contiguous() for r in range(tp)]
 
     state = qm.model.state_dict()
-    for name, (hf_name, axis) in TOP_TENSORS.items():
-        put(name, replicated(state[hf_name].to(torch_dtype), axis))
+
+    def norm(hf_name: str) -> list[torch.Tensor]:  # TensorRT-LLM's RmsNorm multiplies by the stored weight
+        return replicated((state[hf_name].float() + facts.norm_offset).to(torch_dtype))
+
+    embedding, hf_embedding, axis = EMBEDDING
+    put(embedding, replicated(state[hf_embedding].to(torch_dtype), axis))
+    put(FINAL_NORM[0], norm(FINAL_NORM[1]))
+    head = placed[-1]
+    shared = (facts.decoder.shares_embedding and not head.format  # ModelOpt: torch.equal(lm_head, vocab_embedding)
+              and torch.equal(state["lm_head.weight"], state[hf_embedding]))
     by_layer: dict[str, list[PlacedSlot]] = {}
-    for p in placed:
+    for p in placed if not shared else placed[:-1]:
         by_layer.setdefault(p.name.rsplit(".", 2)[0], []).append(p)
         for suffix, per_rank in _linear_tensors(p, tp, torch_dtype).items():
             put(suffix, per_rank)
     for i in range(facts.layers):
         prefix = f"transformer.layers.{i}"
-        for trt_norm, hf_norm in DECODER_NORMS.items():
-            put(f"{prefix}.{trt_norm}.weight", replicated(state[f"model.layers.{i}.{hf_norm}.weight"].to(torch_dtype)))
+        for trt_norm, hf_norm in facts.decoder.norms:
+            put(f"{prefix}.{trt_norm}.weight", norm(f"model.layers.{i}.{hf_norm}.weight"))
             fed = [p for p in by_layer[prefix] if p.slot.norm == trt_norm and p.format]
             for spec in {s.suffix: s for p in fed for s in p.storage.norm_tensors}.values():
                 put(f"{prefix}.{trt_norm}.{spec.suffix}", replicated(torch.ones(1, dtype=spec.dtype)))
@@ -306,6 +378,6 @@ def build_trtllm(qm, base_config, dtype: str = "float16", tp: int = 1) -> Trtllm
             put(f"{prefix}.{KV_CACHE_SCALE}", replicated(k.clone()))  # its own storage: safetensors refuses sharing
             for suffix, value in zip(KV_SEPARATE_SCALES, (k, v)):
                 put(f"{prefix}.{suffix}", replicated(value))
-    config = _config(facts, dtype, tp, quantization)
+    config = _config(facts, dtype, tp, quantization, shared)
     return TrtllmCheckpoint(config, quant_cfg, ranks, placed, notes=_notes(placed, ranks, dtype, tp),
-                            warnings=_warnings(placed, tp))
+                            warnings=_warnings(placed, tp, facts, max_seq_len))

@@ -166,17 +166,20 @@ class GPTQ:
         return {"hessian"}
 
     def run(self, job: GroupJob) -> list[LinearResult]:
+        """The linears of a group share one Hessian (one input), and GPTQ treats rows independently: one sweep
+        over their concatenated rows gives each the codes of its own sweep, at one sweep's overhead."""
         wq, opts = job.fmt.weight, job.spec.gptq
-        hessian = job.stats.hessian.hessian()
+        weights = _weights(job)
+        codes, scales = gptq.gptq_quantize(
+            torch.cat(weights), job.stats.hessian.hessian(), bits=wq.bits, group_size=job.group_size,
+            block_size=opts.block_size, percdamp=opts.percdamp, act_order=opts.act_order,
+            scale_search=opts.scale_search,
+        )
         results = []
-        for w in _weights(job):
-            codes, scales = gptq.gptq_quantize(
-                w, hessian, bits=wq.bits, group_size=job.group_size,
-                block_size=opts.block_size, percdamp=opts.percdamp, act_order=opts.act_order,
-            )
+        rows = [w.shape[0] for w in weights]
+        for c, s in zip(codes.split(rows), scales.split(rows)):
             # Stored as TensorRT-LLM holds group scales (fp16): see quant.qlinear.
-            scale = scales.clamp_min(FP16_TINY).to(SCALE_DTYPE[wq.granularity])
-            qw = stored_weight(codes.to(torch.int8), scale, job.group_size, wq)
+            qw = stored_weight(c.to(torch.int8), s.clamp_min(FP16_TINY).to(SCALE_DTYPE[wq.granularity]), job.group_size, wq)
             results.append(LinearResult(qw, details={"hessian_tokens": job.stats.hessian.n_samples}))
         return results
 

@@ -12,6 +12,11 @@ already-quantized layers before it. Within a layer all linears are calibrated on
 (llm-compressor's per-subgraph scheme), so o_proj/down_proj see the inputs of the layer's float
 q/k/v and gate/up.
 
+Mixture-of-Experts layers are calibrated as ModelOpt's ``_QuantSparseMoe`` and llm-compressor's
+``calibrate_all_experts`` do: during the statistics pass every expert runs on every token
+(:func:`quantaudit.moe.set_all_tokens`), so rarely routed experts are calibrated on the whole set, while the
+layer's output stays the routed one.
+
 Padded positions of the calibration windows are excluded from every statistic. Memory holds the
 hidden states of all calibration tokens at one depth (SmolLM2, 64 x 512 tokens: 75 MB) plus one
 layer's statistics.
@@ -26,6 +31,7 @@ import torch
 from torch import nn
 
 from ..arch import LinearGroup
+from ..moe import set_all_tokens
 from .gptq import HessianAccumulator
 
 # Relative to the causal-LM module: lm_head reads the final norm (its fold rule is the family's, ``arch``).
@@ -135,11 +141,12 @@ def collect(layer: nn.Module, index: int, targets: dict[nn.Module, InputStats], 
     with ``advance``, the outputs of this same pass replace ``inputs`` (one pass instead of two)."""
     current_mask: list[torch.Tensor] = []
 
-    def record(stats):
-        return lambda module, args: stats.add(args[0][current_mask[0]])
+    def record(stats):  # [batch, seq, in], or an expert's [batch · seq, in] (every token: moe.set_all_tokens)
+        return lambda module, args: stats.add(args[0].reshape(-1, args[0].shape[-1])[current_mask[0].reshape(-1)])
 
     handles = [module.register_forward_pre_hook(record(stats)) for module, stats in targets.items()]
     outputs = []
+    set_all_tokens(layer, True)
     try:
         for hidden, kwargs, mask in zip(inputs.hidden, inputs.layer_kwargs[index], inputs.masks, strict=True):
             current_mask[:] = [mask]
@@ -149,6 +156,7 @@ def collect(layer: nn.Module, index: int, targets: dict[nn.Module, InputStats], 
             if advance:
                 outputs.append(_layer_output(out))
     finally:
+        set_all_tokens(layer, False)
         for handle in handles:
             handle.remove()
     if advance:

@@ -47,11 +47,13 @@ UNQUANTIZED_BYTES = 2  # an unquantized weight is held in fp16/bf16 by the engin
 
 @dataclass(frozen=True)
 class GPTQOptions:
-    """IST-DASLab/gptq and llm-compressor defaults."""
+    """llm-compressor's defaults (``actorder="static"``, MSE scale observer); ``act_order=False`` with
+    ``scale_search="amax"`` is the IST-DASLab/gptq reference (quant.gptq)."""
 
     block_size: int = 128
     percdamp: float = 0.01
-    act_order: bool = False
+    act_order: bool = True
+    scale_search: str = "mse"  # or "amax" (gptq.SCALE_SEARCHES)
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,8 @@ def _assign(model: nn.Module, arch: Architecture, names: list[str], spec: QuantS
         pattern = next((p for p in spec.exclude if fnmatch.fnmatchcase(name, p)), None)
         if name == "lm_head" and not spec.include_lm_head:
             reason = "lm_head is excluded by default (TensorRT-LLM's exclude list); include_lm_head quantizes it"
+        elif not isinstance(linear, nn.Linear):  # an MoE router (arch.SparseMoE)
+            reason = "MoE router: kept in 16 bit (ModelOpt's configs disable *router* and *mlp.gate.*)"
         elif pattern is not None:
             reason = f"excluded by pattern {pattern!r}"
         elif fmt.weight is None:
@@ -374,10 +378,10 @@ class LayerPlan:
         out = {}
         for name, a in self.assignments.items():
             if a.reason is not None:
-                linear = model.get_submodule(name)
-                out[name] = LayerRecord(
-                    name, a.fmt.name, linear.in_features, linear.out_features, bias=linear.bias, fallback_reason=a.reason
-                )
+                module = model.get_submodule(name)  # a linear, or an MoE router holding the same weight and bias
+                out_features, in_features = module.weight.shape
+                out[name] = LayerRecord(name, a.fmt.name, in_features, out_features, bias=getattr(module, "bias", None),
+                                        fallback_reason=a.reason)
         return out
 
 
@@ -388,7 +392,8 @@ def plan_layers(model: nn.Module, spec: QuantSpec, calib: Windows | None) -> Lay
     _check_spec(spec)
     _check_kv_cache(getattr(model, "config", None), kv_format)
     arch = architecture(model)
-    names = arch.linear_names(len(arch.check_layers(model))) + ["lm_head"]
+    layers = arch.check_layers(model)
+    names = arch.linear_names(layers) + arch.router_names(layers) + ["lm_head"]
     assignments = _assign(model, arch, names, spec)
     quantized = [a.fmt for a in assignments.values() if a.reason is None]
     calibrating = bool(kv_format.kind) or any(_needs(f, spec) for f in quantized)
@@ -404,7 +409,8 @@ def quantize_layer(layer: nn.Module, index: int, plan: LayerPlan, spec: QuantSpe
     None: nothing to calibrate), replace its linears by quantized ones and add their records. With ``advance``
     the same pass replaces ``inputs`` by the layer's full-precision outputs (``calibrate.collect``). Returns the
     KV-cache scales it calibrated, if any. Layer streaming runs this on one loaded layer at a time."""
-    stats, jobs = _jobs(layer, f"model.layers.{index}.", plan.arch.groups, plan.arch, plan.assignments, spec, total_tokens)
+    stats, jobs = _jobs(layer, f"model.layers.{index}.", plan.arch.layer_groups(layer), plan.arch, plan.assignments, spec,
+                        total_tokens)
     if inputs is not None and (stats or kv_quantizer is not None or advance):
         collect(layer, index, stats, inputs, kv_quantizer, advance=advance)
     kv = None
@@ -413,7 +419,35 @@ def quantize_layer(layer: nn.Module, index: int, plan: LayerPlan, spec: QuantSpe
         kv = KVScales(plan.kv_format.name, kv_quantizer.k_scale, kv_quantizer.v_scale, kv_quantizer.k_amax,
                       kv_quantizer.v_amax)
     _run_jobs(layer, jobs, records)
+    _unify_expert_input_scales(layer, f"model.layers.{index}.", plan.arch, records)
     return kv
+
+
+def _unify_expert_input_scales(layer: nn.Module, prefix: str, arch: Architecture, records: dict[str, LayerRecord]) -> None:
+    """One static input scale for all experts' gate/up and one for all their down projections, the largest.
+
+    TensorRT-LLM's fused MoE runs ``fc1`` (gate/up) and ``fc2`` (down) of every expert with one activation
+    scale: ModelOpt's TensorRT-LLM export takes the maximum over experts (``layer_utils.build_stacked_experts``,
+    ``activation_scaling_factor.max()``), as TensorRT-LLM's PyTorch fused-MoE loaders do with a unified HF
+    checkpoint's ``input_scale``. Set here, the audit computes what the engine will. Per format: a mixed plan's
+    experts of different formats keep scales of their own (their units differ)."""
+    experts = arch.experts_of(layer)
+    if experts is None:
+        return
+    for projections in (("gate_proj", "up_proj"), ("down_proj",)):
+        by_format: dict[str, list[str]] = {}
+        for e in range(len(experts)):
+            for projection in projections:
+                path = f"{arch.moe.experts}.{e}.{projection}"
+                record = records.get(prefix + path)
+                if record is not None and record.act_scale is not None:
+                    by_format.setdefault(record.format, []).append(path)
+        for paths in by_format.values():
+            shared = torch.stack([layer.get_submodule(p).act_scale for p in paths]).amax()
+            for path in paths:
+                module = layer.get_submodule(path)
+                module.act_scale = shared.reshape(module.act_scale.shape).clone()
+                records[prefix + path].act_scale = module.act_scale
 
 
 @torch.no_grad()

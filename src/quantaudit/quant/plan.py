@@ -35,7 +35,7 @@ class MixedPlan:
 def plan_layer_names(model: nn.Module) -> list[str]:
     """Every name a plan may use, in quantize()'s order: all decoder linears, then lm_head."""
     arch = architecture(model)
-    return arch.linear_names(len(arch.check_layers(model))) + ["lm_head"]
+    return arch.linear_names(arch.check_layers(model)) + ["lm_head"]
 
 
 def _check_format(fmt: object, where: str, what: str) -> None:

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..arch import architecture_for_config
 from ..errors import UserError
+from ..moe import is_fused_experts, linear_experts
 
 PAGE_BYTES = 4096
 
@@ -128,6 +129,14 @@ class CheckpointParts:
         with init_empty_weights(include_buffers=False):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32).eval()
         self.skeleton.tie_weights()  # as from_pretrained does
+        # MoE: the skeleton holds per-expert linears (quantaudit.moe) like a loaded model; where the checkpoint
+        # stores the 3-D experts (arch.SparseMoE.checkpoint_experts None), their meta modules are kept to read them.
+        self._fused_experts: dict[int, tuple[str, nn.Module]] = {}
+        for name, module in list(self.skeleton.named_modules()):
+            if is_fused_experts(module):
+                if self.arch.moe.checkpoint_experts is None:
+                    self._fused_experts[int(name.split(".")[2])] = (name.split(".", 3)[3], module)
+                self.skeleton.set_submodule(name, linear_experts(module))
         self.n_layers = len(self.arch.check_layers(self.skeleton))
         self.files = _tensor_files(self.folder)
         for buffer_owner in self.skeleton.modules():
@@ -150,17 +159,26 @@ class CheckpointParts:
                 out.update((n, f.get_tensor(n).to(torch.float32)) for n in names if self.files[n] == shard)
         return out
 
-    def _load(self, prefix: str, template: nn.Module) -> nn.Module:
-        """A copy of the meta ``template`` holding the checkpoint's tensors ``prefix + name``."""
+    def _load(self, prefix: str, template: nn.Module, rename=lambda name: name, skip: str | None = None) -> nn.Module:
+        """A copy of the meta ``template`` holding the checkpoint's tensors ``prefix + rename(name)`` (those under
+        ``skip`` excepted: the caller loads them)."""
         module = copy.deepcopy(template)
-        tensors = self._read([prefix + name for name in template.state_dict()])
-        module.load_state_dict({name[len(prefix):]: t for name, t in tensors.items()}, assign=True)
+        names = [n for n in template.state_dict() if skip is None or not n.startswith(skip + ".")]
+        tensors = self._read([prefix + rename(name) for name in names])
+        module.load_state_dict({name: tensors[prefix + rename(name)] for name in names}, assign=True,
+                               strict=skip is None)
         return module.eval()
 
     @torch.no_grad()
     def layer(self, index: int) -> nn.Module:
         """Decoder layer ``index`` with its weights, pages read in."""
-        layer = self._load(f"model.layers.{index}.", self.skeleton.model.layers[index])
+        moe = self.arch.moe
+        fused = self._fused_experts.get(index)
+        layer = self._load(f"model.layers.{index}.", self.skeleton.model.layers[index],
+                           moe.checkpoint_name if moe else (lambda name: name), fused[0] if fused else None)
+        if fused:  # the checkpoint's 3-D experts, read as the loaded model's module and split per expert
+            path, template = fused
+            layer.set_submodule(path, linear_experts(self._load(f"model.layers.{index}.{path}.", template)))
         _touch(list(layer.state_dict().values()))
         return layer
 

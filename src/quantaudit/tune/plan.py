@@ -39,8 +39,8 @@ def plan_units(model: nn.Module) -> list[PlanUnit]:
     """The decoder's linears grouped as TensorRT-LLM fuses them (lm_head stays out, as ModelOpt leaves it)."""
     units = []
     arch = architecture(model)
-    for i in range(len(arch.check_layers(model))):
-        for group in arch.groups:
+    for i, layer in enumerate(arch.check_layers(model)):
+        for group in arch.layer_groups(layer):
             linears = tuple(f"model.layers.{i}.{p}" for p in group.linears)
             params = sum(model.get_submodule(n).weight.numel() for n in linears)
             units.append(PlanUnit(_unit_name(linears), linears, params))
