@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_eval.py", "bench_quant.py", "bench_audit.py", "bench_tasks.py", "bench_stream.py", "bench_vocab.py"]
+SCRIPTS = ["bench_eval.py", "bench_quant.py", "bench_audit.py", "bench_tasks.py", "bench_stream.py", "bench_vocab.py",
+           "bench_generate.py"]
 
 
 def main() -> int:

@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p, "--candidate", default=None)
     _add_window_args(p)
     _add_task_args(p)
+    _add_generation_args(p)
     p.add_argument("--json", metavar="OUT", help="write the statistics as JSON")
     p.set_defaults(func=cmd_compare)
 
@@ -154,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The formats quantaudit simulates, named as ModelOpt's --qformat.")
     p.set_defaults(func=cmd_formats)
     return parser
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    from .audit.settings import CHAT_TEMPLATE_MODES, AuditSettings
+
+    p.add_argument("--generate", default=None, metavar="PROMPTS",
+                   help="also compare free-running greedy generation: 'default' (64 paragraph openings of the "
+                        "evaluation text) or a JSONL of {\"prompt\": ..., optional \"regex\", \"json\": true, "
+                        "\"stop\": [...]}; reports identical outputs, first divergence, degeneration, check pass rates")
+    p.add_argument("--max-new-tokens", type=int, default=AuditSettings.max_new_tokens,
+                   help="tokens generated per prompt with --generate (default: %(default)s)")
+    p.add_argument("--chat-template", default=AuditSettings.chat_template, choices=CHAT_TEMPLATE_MODES,
+                   help="wrap --generate prompts in the tokenizer's chat template (auto: when it has one)")
 
 
 def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
@@ -208,6 +222,7 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
                         "temporary folder (default: a quarter of the free memory)")
     p.add_argument("--gpu", default=None, help="add memory and speed estimates for this GPU (see `quantaudit advise`)")
     _add_task_args(p)
+    _add_generation_args(p)
     p.add_argument("--out", default=out_default, required=out_default is None, metavar="DIR",
                    help="output directory for report.json/.md/.html")
     p.add_argument("--force", action="store_true",
@@ -221,7 +236,7 @@ def cmd_audit(args) -> int:
 
     from .audit.run import run_audit
     from .audit.settings import AuditSettings
-    from .report.terminal import audit_table
+    from .report.terminal import audit_table, generation_table
 
     settings = AuditSettings(
         model=args.model, formats=_split(args.formats), tasks=_split(args.tasks), task_data=args.task_data,
@@ -233,9 +248,13 @@ def cmd_audit(args) -> int:
         drift_windows=args.drift_windows, sensitivity=args.sensitivity_granularity,
         sensitivity_windows=args.sensitivity_windows, batch_size=args.batch_size, device=args.device, gpu=args.gpu,
         streaming=args.streaming, stream_ram_mb=args.stream_ram,
+        generate=args.generate, max_new_tokens=args.max_new_tokens, chat_template=args.chat_template,
     )
     report = run_audit(settings, Path(args.out), force=args.force, resume=args.resume)
     console.print(audit_table(report))
+    generation = generation_table(report)
+    if generation is not None:
+        console.print(generation)
     rec = report["recommendation"]
     console.print(("[green]" if rec["passed"] else "[red]") + rec["reason"])
     console.print(f"reports: {args.out}/report.html, report.md, report.json")
@@ -271,11 +290,14 @@ def cmd_compare(args) -> int:
     from .data import load_windows
     from .evaluate import compare_models
     from .models import check_same_tokenizer, load_model
-    from .report.terminal import paired_table, task_comparison_table
+    from .audit.settings import at_least
+    from .fidelity import compare_generations, continuations, prompt_set
+    from .report.terminal import generation_table, paired_table, task_comparison_table
     from .stream.source import check_model_files
     from .tasks import compare_task_results, evaluate_task
 
     tasks = _load_tasks(args)
+    at_least("--max-new-tokens", args.max_new_tokens, 1)
     check_model_files(args.base)
     check_model_files(args.candidate)
     base = load_model(args.base, device=args.device)
@@ -292,6 +314,13 @@ def cmd_compare(args) -> int:
             for t in tasks
         ]
         console.print(task_comparison_table(result["tasks"]))
+    if args.generate:
+        prompts = prompt_set(args.generate, base.tokenizer, args.chat_template, args.max_new_tokens)
+        generated = [continuations(m.model, m.tokenizer, prompts.prompts, prompts.ids, prompts.max_new_tokens,
+                                   f"generating ({m.name})") for m in (base, cand)]
+        result["generation"] = {**prompts.describe(),
+                                **compare_generations(*generated, prompts.prompts, prompts.max_new_tokens)}
+        console.print(generation_table({"formats": [{"name": cand.name, "generation": result["generation"]}]}))
     if args.json:
         atomic_write_json(args.json, result)
     return 0

@@ -23,6 +23,8 @@ METRICS = {
     "delta_p_rms": (("delta_p", "rms"), "RMS of p_quant(next) - p_base(next)"),
     "recovery": (("tasks_summary", "recovery"), "lowest task accuracy ratio acc_quant / acc_base"),
     "acc_drop": (("tasks_summary", "acc_drop"), "largest task accuracy drop acc_base - acc_quant"),
+    "gen_identical": (("generation", "identical"), "share of --generate prompts continued identically"),
+    "gen_check_drop": (("generation", "checks", "drop"), "--generate check pass rate, base minus quant"),
 }
 OPERATORS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
 DEFAULT_BUDGET = "kld<=0.02,ppl_ratio<=1.05,top1>=0.9"

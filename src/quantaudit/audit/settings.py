@@ -58,6 +58,9 @@ class AuditSettings:
     task_limit: int | None = None
     task_seed: int | None = None
     task_strict: bool = False
+    generate: str | None = None  # "default" (embedded prompts) or a prompts JSONL (quantaudit.fidelity)
+    max_new_tokens: int = 128
+    chat_template: str = "auto"  # auto: on when the tokenizer has one
 
     def fingerprint(self) -> str:
         """Identity of everything that changes a format's numbers (for --resume)."""
@@ -103,13 +106,16 @@ def check_device(device: str) -> None:
         raise UserError(f"--device {device}: quantaudit runs on cpu, cuda or mps, not {dev.type}")
 
 
+CHAT_TEMPLATE_MODES = ("auto", "on", "off")
+
+
 def validate(settings: AuditSettings) -> list[Limit]:
     """Check every flag (formats, ranges, budget, GPU name, device) before anything is read or written."""
     check_text_flags(settings)
     for flag, value, low in (("--top-k", settings.top_k, 1), ("--drift-windows", settings.drift_windows, 0),
                              ("--sensitivity-windows", settings.sensitivity_windows, 1),
                              ("--stream-ram", settings.stream_ram_mb, 0), ("--limit", settings.task_limit, 1),
-                             ("--seed", settings.task_seed, 0)):
+                             ("--seed", settings.task_seed, 0), ("--max-new-tokens", settings.max_new_tokens, 1)):
         at_least(flag, value, low)
     if settings.gpu:
         from ..advise.hardware import load_hardware
@@ -128,6 +134,11 @@ def validate(settings: AuditSettings) -> list[Limit]:
         raise UserError("--sensitivity-granularity must be linear, decoder or none")
     if settings.streaming not in STREAMING_MODES:
         raise UserError(f"--streaming must be {', '.join(STREAMING_MODES)} (got {settings.streaming!r})")
+    if settings.chat_template not in CHAT_TEMPLATE_MODES:
+        raise UserError(f"--chat-template must be {', '.join(CHAT_TEMPLATE_MODES)} (got {settings.chat_template!r})")
+    if settings.generate and settings.streaming == "on":
+        raise UserError("--generate needs the whole model in memory (generation runs every layer per token); "
+                        "use --streaming off or auto")
     return parse_budget(settings.budget)
 
 

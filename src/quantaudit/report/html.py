@@ -15,7 +15,7 @@ from collections import Counter
 from html import escape
 
 from . import plots
-from .markdown import (DASH, DRIFT_CHUNK, SUMMARY_HEADERS, autotune_curve, fallback_groups, flatten, format_facts, megabytes, num,
+from .markdown import (DASH, DRIFT_CHUNK, GENERATION_HEADERS, SUMMARY_HEADERS, generation_rows, autotune_curve, fallback_groups, flatten, format_facts, megabytes, num,
                        ordered_outliers, outliers_note, setup_rows, summary_rows, top_channels_text, top_sensitive, verdict)
 
 CSS = """
@@ -136,7 +136,7 @@ def _formats(report: dict) -> str:
 def _overview_plots(report: dict, colours: dict[str, str]) -> str:
     charts = [plots.kld_plot(report, colours), plots.ppl_ratio_plot(report, colours),
               plots.depth_plot(report, colours, "drift_rel"), plots.depth_plot(report, colours, "cosine"),
-              plots.autotune_plot(report), plots.frontier_plot(report)]
+              plots.survival_plot(report, colours), plots.autotune_plot(report), plots.frontier_plot(report)]
     charts = [c for c in charts if c]
     if not charts:
         return ""
@@ -185,6 +185,15 @@ def _format_section(report: dict, fmt: dict, colour: str) -> str:
     return f'<section class="card">{"".join(parts)}</section>'
 
 
+def _generation(report: dict) -> str:
+    rows = generation_rows(report)
+    if not rows:
+        return ""
+    return ('<section class="card"><h2>Generation fidelity</h2>'
+            "<p>Greedy continuations of the same prompts by the baseline and each format; the survival curve is in "
+            "the overview.</p>" + _table(GENERATION_HEADERS, [[escape(c) for c in r] for r in rows]) + "</section>")
+
+
 def _outliers(report: dict) -> str:
     entries = ordered_outliers(report)
     if not entries:
@@ -218,7 +227,8 @@ def render_html(report: dict) -> str:
         f'{escape(str(report.get("quantaudit_version", DASH)))}</p></header>',
         _setup(report), _formats(report), _recommendation(report), _overview_plots(report, colours),
         *(_format_section(report, f, colours[f["name"]]) for f in report.get("formats") or []),
-        _outliers(report), _generic("Tasks", report.get("tasks")), _generic("Advice", report.get("advice")),
+        _generation(report), _outliers(report), _generic("Tasks", report.get("tasks")),
+        _generic("Advice", report.get("advice")),
         '<footer>Self-contained report: no scripts, no external resources. Hover a bar or heatmap cell for its exact value.</footer>',
     ]
     main = "".join(b for b in body if b)

@@ -282,6 +282,42 @@ def _format_md(report: dict, fmt: dict) -> list[str]:
     return out
 
 
+GENERATION_HEADERS = ["format", "identical", "median divergence", "ROUGE-L after", "loops base → quant",
+                      "distinct-2 base → quant", "checks base → quant", "McNemar p"]
+
+
+def generation_rows(report: dict) -> list[list[str]]:
+    """Per format with ``--generate`` results: the paired generation statistics (quantaudit.fidelity), as text."""
+    rows = []
+    for fmt in report.get("formats") or []:
+        g = fmt.get("generation")
+        if not g:
+            continue
+        base, quant = g["degeneration"]["base"], g["degeneration"]["quant"]
+        checks = g.get("checks")
+        median = g["median_divergence"]
+        rows.append([
+            fmt["name"], f"{100 * g['identical']:.1f}% of {g['prompts']}",
+            f"> {g['max_new_tokens']}" if median is None else f"{median} tokens",
+            num(g["rouge_l_after_divergence"]),
+            f"{100 * base['loop_share']:.1f}% → {100 * quant['loop_share']:.1f}%",
+            f"{num(base['distinct_2'])} → {num(quant['distinct_2'])}",
+            f"{100 * checks['base_pass']:.1f}% → {100 * checks['quant_pass']:.1f}% (n={checks['n']})" if checks else DASH,
+            num(checks["mcnemar_p"]) if checks else DASH,
+        ])
+    return rows
+
+
+def _generation_md(report: dict) -> list[str]:
+    rows = generation_rows(report)
+    if not rows:
+        return []
+    return ["## Generation fidelity", "",
+            "Greedy continuations of the same prompts by the baseline and each format. Median divergence: the "
+            "first token position where at least half the prompts' continuations differ (> N: never within N).", "",
+            table(GENERATION_HEADERS, [list(map(cell, r)) for r in rows]), ""]
+
+
 def _outliers_md(report: dict) -> list[str]:
     entries = ordered_outliers(report)
     if not entries:
@@ -323,6 +359,7 @@ def render_markdown(report: dict) -> str:
         out += ["## Per format", ""]
         for fmt in report["formats"]:
             out += _format_md(report, fmt)
+    out += _generation_md(report)
     out += _outliers_md(report)
     out += _generic_md("Tasks", report.get("tasks"))
     out += _generic_md("Advice", report.get("advice"))

@@ -408,6 +408,17 @@ def depth_plot(report: dict, colours: dict[str, str], key: str) -> str:
                       log=False if key == "cosine" else None)
 
 
+def survival_plot(report: dict, colours: dict[str, str]) -> str:
+    """--generate: the share of prompts whose continuation is still identical to the baseline's after t tokens."""
+    fmts = [f for f in report.get("formats") or [] if f.get("generation")]
+    if not fmts:
+        return ""
+    xs = [list(range(len(f["generation"]["survival"]))) for f in fmts]
+    series = [(f["name"], f["generation"]["survival"], colours[f["name"]]) for f in fmts]
+    return line_chart("survival", "Generation: prompts still identical to the baseline", xs, series,
+                      x_label="generated tokens", y_label="share identical", log=False)
+
+
 def sensitivity_plot(fmt: dict, top: list[dict], colour: str) -> str:
     top = [x for x in top if x.get("sensitivity_kld") is not None]
     if not top:

@@ -100,6 +100,21 @@ def audit_table(report: dict) -> Table:
     return table
 
 
+def generation_table(report: dict) -> Table | None:
+    """--generate results (report.markdown.generation_rows), or None without them."""
+    from .markdown import GENERATION_HEADERS, generation_rows
+
+    rows = generation_rows(report)
+    if not rows:
+        return None
+    table = Table(title="generation fidelity (greedy, paired with the baseline)")
+    for col in GENERATION_HEADERS:
+        table.add_column(col, justify="left" if col == "format" else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def task_table(summaries: dict) -> Table:
     table = Table(title="task accuracy")
     for col in ("task", "n", "acc", "acc_norm", "BOS"):
