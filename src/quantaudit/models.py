@@ -18,6 +18,8 @@ import torch
 
 from .errors import UserError
 from .fileio import atomic_directory
+from .gguf_check import check_gguf, check_loading_info
+from .moe import linearize_experts
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -113,6 +115,7 @@ def _load_hf_folder(path: Path, device: str):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    linearize_experts(model)  # MoE: one linear per expert projection, the same numbers (quantaudit.moe)
     return model.to(device).eval(), load_tokenizer(path)
 
 
@@ -123,10 +126,13 @@ def _gguf_to_cached_folder(path: Path, fingerprint: str) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    metadata = check_gguf(path)  # families transformers cannot read, or would read as another model: one line
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True,
+        output_loading_info=True, ignore_mismatched_sizes=True,  # refused below, in one line, not left random
     )
+    check_loading_info(path, metadata, model.config, info)
     # The weights are plain fp32 now; drop the GGUF marker so transformers saves them as such.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
