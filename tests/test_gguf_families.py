@@ -36,9 +36,11 @@ LOADS = {
     # qwen3moe.expert_feed_forward_length is not read (Qwen3MoeConfig's 768: Qwen3-30B-A3B); every layer sparse and
     # top-k weights renormalised, as in every Qwen3-MoE (llama.cpp and transformers' GGUF reader assume both)
     "qwen3_moe": {"moe_intermediate_size": 768, "mlp_only_layers": [], "norm_topk_prob": True},
-    "gemma2": {},
+    # A GGUF cannot state query_pre_attn_scalar: llama.cpp implies head_dim (below 27B), transformers assumes 256,
+    # so only a head_dim of 256 (every Gemma 2/3 but 27B) reads the same both ways
+    "gemma2": {"head_dim": 256},
     # Gemma 3's own five sliding layers to one global: what llama.cpp and transformers assume, a GGUF cannot say
-    "gemma3_text": {"num_hidden_layers": 6, "layer_types": None},
+    "gemma3_text": {"num_hidden_layers": 6, "layer_types": None, "head_dim": 256},
     "phi3": {},
 }
 QWEN = ("qwen2", "qwen3", "qwen3_moe")
@@ -53,6 +55,7 @@ REFUSALS = [
     ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
      "ignores its RoPE scaling (llama.rope.scaling.type linear)"),
     ("qwen3", {}, "ignores qwen3.attention.key_length (32) and assumes head_dim 128"),
+    ("gemma2", {}, "does not state gemma2's query_pre_attn_scalar; llama.cpp implies 32"),
     ("qwen3_moe", {"mlp_only_layers": []},
      "ignores qwen3moe.expert_feed_forward_length (128) and assumes moe_intermediate_size 768"),
 ]

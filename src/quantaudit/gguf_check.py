@@ -50,6 +50,11 @@ GGUF_STATED = (("attention.key_length", "head_dim"), ("expert_feed_forward_lengt
                ("attn_logit_softcapping", "attn_logit_softcapping"),
                ("final_logit_softcapping", "final_logit_softcapping"))
 
+# A GGUF cannot state Gemma 2/3's query_pre_attn_scalar; llama.cpp derives the query scale from the model size
+# (src/llama-model.cpp, LLM_ARCH_GEMMA2/GEMMA3: 1/sqrt(n_embd / n_head) for the 27B models, recognised by their
+# layer count, else 1/sqrt(head_dim)), while transformers takes the config class's default (256). Checked.
+GGUF_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
 
 def _readable() -> str:
     return ", ".join(f for families in GGUF_READ.values() for f in families)
@@ -91,6 +96,12 @@ def check_loading_info(path: Path, metadata: dict, config, info: dict) -> None:
         if built is None or not math.isclose(stated, built, rel_tol=1e-6):
             raise _refuse(path, f"transformers' GGUF loader ignores {arch}.{key} ({stated}) and assumes "
                                 f"{attr} {built}")
+    if arch in GGUF_27B_LAYERS:
+        big = metadata.get(f"{arch}.block_count") == GGUF_27B_LAYERS[arch]
+        implied = config.hidden_size / config.num_attention_heads if big else config.head_dim
+        if not math.isclose(config.query_pre_attn_scalar, implied):
+            raise _refuse(path, f"a GGUF does not state {arch}'s query_pre_attn_scalar; llama.cpp implies {implied:g} "
+                                f"for this model, transformers' GGUF loader assumes {config.query_pre_attn_scalar}")
     unfilled = sorted(info.get("missing_keys") or ()) + sorted(k for k, *_ in info.get("mismatched_keys") or ())
     if unfilled:
         raise _refuse(path, f"transformers' GGUF loader left {len(unfilled)} weights unfilled or misshapen "
