@@ -26,12 +26,13 @@ and is listed as such. Layers without experts (Qwen3-MoE's ``mlp_only_layers``) 
 Other MoE families (DeepSeek MLA, Qwen2-MoE's shared experts, DBRX, ...) are refused with one line.
 
 TensorRT-LLM checkpoints (``export --target trtllm``): :class:`TrtllmDecoder` holds, per family that NVIDIA
-ModelOpt's ``export_tensorrt_llm_checkpoint`` writes for a dense decoder, what its TensorRT-LLM model class
+ModelOpt's ``export_tensorrt_llm_checkpoint`` writes, what its TensorRT-LLM model class
 reads: the ``architecture`` (``tensorrt_llm/models/__init__.py`` ``MODEL_MAP``), ModelOpt's decoder type
 (``model_utils.MODEL_NAME_TO_TYPE``), the linears and norms of a layer under their TensorRT-LLM names
 (``layer_utils.build_decoder_config`` / ``build_attention_config`` / ``build_mlp_config``) and the family's
-config keys (``models/{qwen,gemma,phi3}/config.py``). Families without one (Granite, OLMo 2, the MoE
-families) are refused by that exporter with one line naming those that have one.
+config keys (``models/{qwen,gemma,phi3}/config.py``); for Mixtral also the sparse block as TensorRT-LLM's
+``MixtureOfExperts`` holds it (:class:`TrtllmMoE`). Families without one (Granite, OLMo 2, Qwen3-MoE, GPT-OSS)
+are refused by that exporter with one line naming those that have one.
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ class TrtllmSlot:
     parts: tuple[str, ...]
     parallel: str  # "column": outputs split across ranks; "row": inputs split
     norm: str | None = None  # the TensorRT-LLM norm producing its input (SmoothQuant's scale_to_int sits there)
+    # every expert of the layer's sparse block, stacked on a leading axis: parts are expert projections (below
+    # SparseMoE.experts.{e}), expert by expert
+    experts: bool = False
 
 
 _NORMS = (("input_layernorm", "input_layernorm"), ("post_layernorm", "post_attention_layernorm"))
@@ -131,6 +135,31 @@ _LLAMA_SLOTS = _trtllm_slots(("self_attn.q_proj", "self_attn.k_proj", "self_attn
 
 
 @dataclass(frozen=True)
+class TrtllmMoE:
+    """A sparse block as TensorRT-LLM's ``MixtureOfExperts`` (``layers/moe.py``) reads it from a checkpoint that ModelOpt's
+    ``export_tensorrt_llm_checkpoint`` writes (``layer_utils.build_moe_config`` / ``build_stacked_experts``).
+
+    The experts are two stacked slots (:attr:`TrtllmSlot.experts`): ``mlp.fc`` [experts, 2·inter, hidden] holding
+    per expert up_proj then gate_proj rows (ModelOpt concatenates ``[w3, w1]``; ``MOEWeightWrapper`` calls the left
+    half the linear projection and the right half, activated, the gate: "the inverse of GatedMLP") and ``mlp.proj``
+    [experts, hidden, inter]; ``hidden_act`` ``swiglu`` (``MOEConfig.hidden_act``; TensorRT-LLM's
+    ``LLaMAConfig.from_hugging_face`` makes Mixtral's gated activation explicit the same way), ``intermediate_size``
+    the expert's. The router is ``mlp.router``, a ``RowLinear`` TensorRT-LLM builds in float32, unsplit ("routing
+    is sensitive"); ModelOpt casts it so (``config.router.weight.type(torch.float)``, ``postprocess_tensors`` skips
+    ``router``) and lists it unquantized in ``exclude_modules``, which TensorRT-LLM's ``quantize_layers`` then skips.
+    ``config.json`` gets ``moe`` {``num_experts``, ``top_k``, ``normalization_mode``} and ``mapping``
+    ``moe_tp_size`` = ``tp_size``, ``moe_ep_size`` 1 (``tensorrt_llm_utils.convert_to_tensorrt_llm_config``).
+    """
+
+    router: str = "mlp.router"  # below transformer.layers.N; weight [experts, hidden]
+    # config.json moe keys read from the HF config (LLaMAConfig.from_hugging_face: num_local_experts, num_experts_per_tok)
+    hf_keys: tuple[tuple[str, str], ...] = (("num_experts", "num_local_experts"), ("top_k", "num_experts_per_tok"))
+    # MoeConfig.ExpertScaleNormalizationMode.RENORMALIZE (1), what ModelOpt and LLaMAConfig write for Mixtral: the
+    # softmax of the top-k router logits, equal to transformers' top-k of the softmax renormalised to sum 1
+    normalization_mode: int = 1
+
+
+@dataclass(frozen=True)
 class TrtllmDecoder:
     """A family as ModelOpt's ``export_tensorrt_llm_checkpoint`` writes it and TensorRT-LLM's model class reads it."""
 
@@ -147,6 +176,7 @@ class TrtllmDecoder:
     local_rope: bool = False  # sliding layers have their own RoPE base, chosen by _sliding_window_pattern
     shares_embedding: bool = False  # a tied, unquantized lm_head is not written (share_embedding_table)
     single_rank: str | None = None  # why only --tp 1 is written, where that is so
+    moe: TrtllmMoE | None = None  # the sparse block's router and config, where the slots stack experts
 
     @property
     def norm_fed(self) -> set[str]:
@@ -329,6 +359,17 @@ TRTLLM_DECODERS = {
                           single_rank="TensorRT-LLM's own Phi-3 converter splits the fused [up; gate] mlp.fc in plain "
                                       "row halves across ranks (phi3/split_weights.py), not [up; gate] per rank; which "
                                       "of the two its swiglu MLP reads is not verified"),
+    # models/llama with MOE (TrtllmMoE): ModelOpt writes the HF architecture (MixtralForCausalLM, in MODEL_MAP as
+    # LLaMAForCausalLM), decoder llama (model_utils.MODEL_NAME_TO_TYPE); attention and norms as Llama's
+    "mixtral": TrtllmDecoder("MixtralForCausalLM", "llama",
+                             (*_LLAMA_SLOTS[:2],
+                              TrtllmSlot("mlp.fc", ("up_proj", "gate_proj"), "column", "post_layernorm", experts=True),
+                              TrtllmSlot("mlp.proj", ("down_proj",), "row", experts=True)),
+                             hidden_act=(("silu", "swiglu"),), moe=TrtllmMoE(),
+                             single_rank="TensorRT-LLM splits experts by moe_tp_size / moe_ep_size, and ModelOpt's own "
+                                         "split (postprocess._split_model_config_for_tp) splits only the stacked expert "
+                                         "weights, not their per-group or block scales; a split quantaudit could "
+                                         "verify against both is not written"),
 }
 
 ARCHITECTURES = (
@@ -356,7 +397,7 @@ ARCHITECTURES = (
                  no_clip=("self_attn.qkv_proj",), trtllm=TRTLLM_DECODERS["phi3"]),
     # Mixture of Experts: attention as Llama's, per-expert linears in the sparse layers (SparseMoE). Qwen3-MoE's
     # mlp_only_layers are dense (LLAMA_GROUPS' MLP); GPT-OSS adds attention sinks and biases everywhere.
-    Architecture("mixtral", ("mixtral",), LLAMA_GROUPS,
+    Architecture("mixtral", ("mixtral",), LLAMA_GROUPS, trtllm=TRTLLM_DECODERS["mixtral"],
                  moe=SparseMoE(checkpoint_experts="block_sparse_moe.experts.{e}", checkpoint_projections=("w1", "w3", "w2"),
                                checkpoint_router="block_sparse_moe.gate")),
     Architecture("qwen3_moe", ("qwen3_moe",), LLAMA_GROUPS, moe=SparseMoE()),

@@ -148,8 +148,8 @@ def test_qkv_parts_in_different_formats_are_refused(quantized, stories, tmp_path
 def test_other_architectures_are_refused(quantized, tmp_path):
     from transformers import GPT2Config
 
-    with pytest.raises(UserError, match="writes the model types llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3 "
-                                        r"\(the dense decoders .*; this model is .gpt2.*--target hf"):
+    with pytest.raises(UserError, match="writes the model types llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, "
+                                        r"mixtral \(the decoders .*; this model is .gpt2.: quantaudit does not audit that family"):
         export_checkpoint(quantized("fp8"), GPT2Config(architectures=["GPT2LMHeadModel"]), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 

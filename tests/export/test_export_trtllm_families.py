@@ -1,8 +1,9 @@
-"""``export --target trtllm`` of every dense decoder family ModelOpt writes for TensorRT-LLM, on tiny random-weight
-models (tests/tiny_models.py): each tensor's name, dtype and shape, the family's config keys and stored values as
+"""``export --target trtllm`` of every decoder family ModelOpt writes for TensorRT-LLM, on tiny random-weight models
+(tests/tiny_models.py): each tensor's name, dtype and shape, the family's config keys and stored values as
 TensorRT-LLM's own converters write them (written here from ``tensorrt_llm/models/<family>/convert.py`` and
-``config.py`` and ModelOpt's ``layer_utils``, independently of quantaudit.arch), the bit-exact round trip through
-the reader, and the one-line refusals of what a family's TensorRT-LLM decoder would run differently."""
+``config.py``, ``layers/moe.py`` and ModelOpt's ``layer_utils``, independently of quantaudit.arch), the bit-exact
+round trip through the reader, and the one-line refusals of what a family's TensorRT-LLM decoder would run
+differently."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from quantaudit.export.reader import load_trtllm_checkpoint
 from quantaudit.export.trtllm import check_trtllm_request
 from quantaudit.quant import AWQOptions, QuantSpec, quantize
 
-F16, F32, F8 = torch.float16, torch.float32, torch.float8_e4m3fn
+F16, F32, F8, I8, U8 = torch.float16, torch.float32, torch.float8_e4m3fn, torch.int8, torch.uint8
 H, INTER, HEADS, KV, HD, VOCAB = 128, 256, 4, 2, 32, 512  # tests/tiny_models.py
 QKV = (HEADS + 2 * KV) * HD
 # Engines of 64 tokens: the sliding windows of the Gemma 2/3 models below (64) never bind in them.
@@ -220,9 +221,19 @@ def test_a_refused_sliding_window_leaves_no_folder(tiny, windows, tmp_path):
     ("gemma2", {"sliding_window": 64}, ["--format", "fp8_pc_pt"],
      r"fp8_pc_pt .*gemma2's post_layernorm, post_feedforward_layernorm feed no linear"),
     ("phi3", {}, ["--tp", "2"], r"--tp 2: quantaudit writes phi3 models for one rank only"),
-    ("granite", {}, [], (r"writes the model types llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3 .*"
-                         r"this model is 'granite'")),
+    ("granite", {}, [], (r"writes the model types llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, "
+                         r"mixtral .*this model is 'granite'")),
     ("olmo2", {}, [], r"this model is 'olmo2': use --target hf"),
+    # TensorRT-LLM's TensorRT-engine MoE decoders are not written for these (their PyTorch backend reads --target hf)
+    ("qwen3_moe", {}, [], r"this model is 'qwen3_moe': use --target hf"),
+    ("gpt_oss", {}, [], r"this model is 'gpt_oss': quantaudit exports it to neither target yet"),
+    # layers/moe.py: no SmoothQuant path; preprocess_perlayer_weights keeps expert 0's AWQ pre-quant scale for all
+    ("mixtral", {}, ["--format", "int4_awq"],
+     r"MoE layer .* runs mixtral experts as audited in fp8, int8_wo, int4_wo, int4_gptq, nvfp4 only, not int4_awq"),
+    ("mixtral", {}, ["--format", "int8_sq"], r"runs mixtral experts as audited in .* only, not int8_sq"),
+    ("mixtral", {}, ["--tp", "2"], r"--tp 2: quantaudit writes mixtral models for one rank only"),
+    # found once quantized (--exclude patterns meet the layer names there), before anything is written
+    ("mixtral", {}, ["--exclude", "*.experts.*"], r"builds the MoE layers .* in the checkpoint's one quant_algo"),
 ])
 def test_what_tensorrt_llm_would_run_differently_is_refused_in_one_line(name, overrides, flags, expected, shared_dir,
                                                                         tmp_path, capsys):
@@ -240,9 +251,104 @@ def test_what_tensorrt_llm_would_run_differently_is_refused_in_one_line(name, ov
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss"])
-def test_moe_families_are_refused_naming_the_written_ones(model_type):
+# Mixtral as TensorRT-LLM's llama decoder with MixtureOfExperts reads it (layers/moe.py MOEWeightWrapper, after
+# modeling_utils.preprocess_weights) from what ModelOpt's layer_utils.build_moe_config writes: mlp.fc stacks per expert
+# [w3; w1] = [up_proj; gate_proj] rows, mlp.proj down_proj, each expert's tensors on a leading experts axis; one
+# activation scale for all experts; mlp.router [experts, hidden] in float32 (a float32 RowLinear), unquantized.
+EXPERTS, TOP_K = 4, 2  # tests/tiny_models.py
+FC, PROJ = (EXPERTS, 2 * INTER, H), (EXPERTS, H, INTER)
+MOE_TENSORS = {  # per format: the stacked tensors of mlp.fc and mlp.proj
+    # FP8: MOEWeightWrapper weights_scaling_factor (experts, 1), activation_scaling_factor (1,)
+    "fp8": lambda w: {"weight": (F8, w), "weights_scaling_factor": (F32, (EXPERTS, 1)), "activation_scaling_factor": (F32, (1,))},
+    # W8A16: the float weight, which convert_utils.weight_only_quantize quantizes per expert at load
+    "int8_wo": lambda w: {"weight": (F32, w)},
+    # W4A16_AWQ without pre-quant scale: INT4 pairs of output rows in int8 bytes, (experts, out, in / 64) group scales
+    "int4_gptq": lambda w: {"weight": (I8, (EXPERTS, w[1] // 2, w[2])), "weights_scaling_factor": (F32, (EXPERTS, w[1], w[2] // 64))},
+    # NVFP4: E2M1 pairs of inputs, E4M3 block scales of 16, one weights_scaling_factor_2 per expert (alpha (experts,))
+    "nvfp4": lambda w: {"weight": (U8, (EXPERTS, w[1], w[2] // 2)), "weights_scaling_factor": (F8, (EXPERTS, w[1], w[2] // 16)),
+                        "weights_scaling_factor_2": (F32, (EXPERTS,)), "activation_scaling_factor": (F32, (1,))},
+}
+
+
+def expected_mixtral_fp8_layout(dtype: torch.dtype) -> dict[str, tuple[torch.dtype, tuple]]:
+    out = {"transformer.vocab_embedding.weight": (dtype, (VOCAB, H)), "transformer.ln_f.weight": (dtype, (H,)),
+           "lm_head.weight": (dtype, (VOCAB, H))}
+    for n in range(2):
+        p = f"transformer.layers.{n}."
+        out.update({p + norm + ".weight": (dtype, shape) for norm, shape in NORMS.items()})
+        for linear in ("attention.qkv", "attention.dense"):  # Llama's
+            out.update({p + linear + ".weight": (F8, GATED[linear]), p + linear + ".weights_scaling_factor": (F32, (1,)),
+                        p + linear + ".activation_scaling_factor": (F32, (1,))})
+        for linear, shape in (("mlp.fc", FC), ("mlp.proj", PROJ)):
+            out.update({p + linear + "." + k: v for k, v in MOE_TENSORS["fp8"](shape).items()})
+        out[p + "mlp.router.weight"] = (F32, (EXPERTS, H))
+        for scale in ("kv_cache_scaling_factor", "k_cache_scaling_factor", "v_cache_scaling_factor"):
+            out[p + "attention." + scale] = (F32, (1,))
+    return out
+
+
+def test_mixtral_is_the_llama_decoder_with_tensorrt_llms_moe_layer(tiny, windows, tmp_path):
+    """Tensor names, dtypes and shapes, config keys (tensorrt_llm_utils.convert_to_tensorrt_llm_config's ``moe`` and
+    ``moe_tp_size`` / ``moe_ep_size``; LLaMAConfig.from_hugging_face's swiglu and RENORMALIZE for Mixtral) and the
+    stored values: each expert's audited codes and weight scale, the one activation scale, the float32 router."""
+    lm = tiny("mixtral")
+    qm = _quantize(lm, windows, "fp8")
+    path = tmp_path / "ckpt"
+    export_checkpoint(qm, lm.config, path, dtype="float16", build=BUILD)
+    tensors = load_file(path / "rank0.safetensors")
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()} == expected_mixtral_fp8_layout(F16)
+    cfg = json.loads((path / "config.json").read_text())
+    assert (cfg["architecture"], cfg["decoder"], cfg["hidden_act"], cfg["intermediate_size"]) == (
+        "MixtralForCausalLM", "llama", "swiglu", INTER)
+    assert cfg["moe"] == {"num_experts": EXPERTS, "top_k": TOP_K, "normalization_mode": 1}
+    assert cfg["mapping"] == {"world_size": 1, "tp_size": 1, "pp_size": 1, "moe_tp_size": 1, "moe_ep_size": 1}
+    # an explicit exclude_modules replaces quantize_layers' default "*router": the routers must be listed
+    assert cfg["quantization"]["exclude_modules"] == ["lm_head", "transformer.layers.0.mlp.router",
+                                                      "transformer.layers.1.mlp.router"]
+    state = qm.model.state_dict()
+    for n in range(2):
+        p, hf = f"transformer.layers.{n}.mlp.", f"model.layers.{n}.mlp."
+        records = [{proj: qm.layers[f"{hf}experts.{e}.{proj}"] for proj in ("gate_proj", "up_proj", "down_proj")}
+                   for e in range(EXPERTS)]
+        for e, record in enumerate(records):
+            fc = torch.cat([record["up_proj"].codes, record["gate_proj"].codes])
+            assert torch.equal(tensors[p + "fc.weight"][e].view(U8), fc.view(U8))
+            assert torch.equal(tensors[p + "proj.weight"][e].view(U8), record["down_proj"].codes.view(U8))
+            assert float(tensors[p + "fc.weights_scaling_factor"][e]) == float(record["gate_proj"].weight_scale)
+            assert float(tensors[p + "fc.weights_scaling_factor"][e]) == float(record["up_proj"].weight_scale)
+            assert float(tensors[p + "proj.weights_scaling_factor"][e]) == float(record["down_proj"].weight_scale)
+        assert float(tensors[p + "fc.activation_scaling_factor"]) == float(records[3]["gate_proj"].act_scale)
+        assert float(tensors[p + "proj.activation_scaling_factor"]) == float(records[3]["down_proj"].act_scale)
+        assert torch.equal(tensors[p + "router.weight"], state[hf + "gate.weight"].float())
+
+
+MIXTRAL_FORMATS = ("fp8", "int8_wo", "int4_gptq", "nvfp4")
+
+
+def test_mixtral_reads_back_to_the_audited_logits_exactly(tiny, windows, tmp_path):
+    """float32 checkpoint, FP8 KV cache: in every format TensorRT-LLM's MoE layer runs as audited, the stacked
+    experts have the shapes MOEWeightWrapper's preprocessing takes, and the checkpoint computes the audited logits."""
+    lm = tiny("mixtral")
+    for fmt in MIXTRAL_FORMATS:
+        qm = _quantize(lm, windows, fmt)
+        export_checkpoint(qm, lm.config, tmp_path / fmt, dtype="float32", build=BUILD)
+        tensors = load_file(tmp_path / fmt / "rank0.safetensors")
+        for linear, shape in (("mlp.fc", FC), ("mlp.proj", PROJ)):
+            stored = {k.rsplit(".", 1)[1]: (v.dtype, tuple(v.shape)) for k, v in tensors.items()
+                      if k.startswith(f"transformer.layers.1.{linear}.")}
+            assert stored == MOE_TENSORS[fmt](shape), (fmt, linear)
+        assert torch.equal(logits(load_trtllm_checkpoint(tmp_path / fmt), windows.ids), logits(qm.model, windows.ids)), fmt
+
+
+@pytest.mark.parametrize("formats, expected", [
+    ({"fp8", "int8_wo"}, r"in the checkpoint's one quant_algo .*no mixed-precision plan"),
+    ({"w4a8_awq"}, r"not w4a8_awq: .*one AWQ pre-quant scale to every expert"),
+    ({"nvfp4_awq"}, r"not nvfp4_awq"),
+    ({"fp8_pc_pt"}, r"not fp8_pc_pt: it has no SmoothQuant, FP8 per-channel or W4A8_NVFP4_FP8 path"),
+])
+def test_mixtral_formats_are_checked_before_quantizing(formats, expected):
     from transformers import AutoConfig
 
-    with pytest.raises(UserError, match=rf"writes the model types llama, .*phi3 .*this model is '{model_type}'"):
-        check_trtllm_request(AutoConfig.for_model(model_type), 1, 64, {"fp8"})
+    config = AutoConfig.for_model("mixtral", num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, sliding_window=None)
+    with pytest.raises(UserError, match=expected):
+        check_trtllm_request(config, 1, 64, formats)

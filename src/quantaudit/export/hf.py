@@ -62,11 +62,16 @@ def check_hf_request(formats: set[str], kv_algo: str | None, tp: int) -> None:
                         f"got {kv_algo}")
 
 
+def hf_writes(arch: Architecture) -> bool:
+    """``--target hf`` writes ``arch``'s layout: every family whose checkpoints store MoE experts one linear each
+    (GPT-OSS stores 3-D expert tensors, a quantized layout not written yet)."""
+    return not (arch.moe and arch.moe.checkpoint_experts is None)
+
+
 def hf_architecture(model) -> Architecture:
-    """The table entry of ``model`` if ``--target hf`` writes its layout: every family whose checkpoints store MoE
-    experts one linear each (GPT-OSS stores 3-D expert tensors, a quantized layout not written yet)."""
+    """The table entry of ``model`` if ``--target hf`` writes its layout (:func:`hf_writes`)."""
     arch = architecture(model)
-    if arch.moe and arch.moe.checkpoint_experts is None:
+    if not hf_writes(arch):
         raise UserError(f"--target hf: {arch.family} checkpoints hold the experts as 3-D tensors, whose quantized "
                         "layout quantaudit does not write yet; export a dense family, mixtral or qwen3_moe")
     return arch

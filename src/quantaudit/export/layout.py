@@ -56,11 +56,41 @@ W4A8_NVFP4_FP8 (no AWQ) has no pre-quant scale tensor. NVFP4_AWQ's ``prequant_sc
 written per linear as W4A16_AWQ's. Only NVFP4 is read by TensorRT-LLM's TensorRT-engine loader;
 the other two carry a caveat (:data:`TRTLLM` ``caveat``). MXFP4, MXFP8 and FP8 2-D block weights have
 no TensorRT-LLM checkpoint layout: :data:`TRTLLM_REFUSED` says why.
+
+MoE experts (Mixtral's ``mlp.fc`` / ``mlp.proj``, :class:`~quantaudit.arch.TrtllmMoE`): every expert's tensors
+stacked on a leading ``e`` axis, as ModelOpt's ``layer_utils._build_stacked_linear`` stacks them and TensorRT-LLM's
+``MOEWeightWrapper`` (``layers/moe.py``) declares its parameters after ``preprocess_weights``; the activation
+scale is one for all experts (ModelOpt: ``activation_scaling_factor.max()``, "the moe plugin only supports a
+single activation scaling factor"), which the engine's unified expert input scales are. :data:`TRTLLM_EXPERTS`
+holds the formats that layer runs as audited:
+
+* fp8: ``weight`` (e, out, in) E4M3, ``weights_scaling_factor`` (e, 1) - each expert's (1,) per-tensor scale
+  (``export_amax`` unsqueezes it), one for its up and gate rows, as fc1 has one GEMM per expert -,
+  ``activation_scaling_factor`` (1,);
+* int8_wo (W8A16): ``weight`` (e, out, in) in the checkpoint dtype, which TensorRT-LLM quantizes per expert and
+  output channel (``convert_utils.weight_only_quantize`` transposes a 3-D weight's last two axes for
+  ``symmetric_quantize_last_axis_of_batched_matrix``) to the wrapper's (e, in, out) int8 and (e, out) scales;
+* int4_wo / int4_gptq (W4A16_AWQ without pre-quant scale): ``weight`` (e, out/2, in) packed as a dense one
+  (``pack_int4_in_uint8``'s 3-D branch), ``weights_scaling_factor`` (e, out, in/g);
+  ``preprocess_perlayer_weights`` transposes both to the wrapper's (e, in, out/4) and (e, in/g, out), and
+  ``quantize.weight_only_groupwise_quantize`` gives the ``MixtureOfExperts`` the group size;
+* nvfp4: ``weight`` (e, out, in/2), ``weights_scaling_factor`` (e, out, in/16) E4M3, ``weights_scaling_factor_2``
+  (e,) - each expert's is 0-d (``NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer``), and
+  ``preprocess_weights`` multiplies the stack by the (1,) ``activation_scaling_factor`` into the wrapper's (e,)
+  ``alpha``.
+
+Not held (:data:`TRTLLM_EXPERTS_LIMITS`): pre-quant scales (int4_awq, w4a8_awq, nvfp4_awq):
+``preprocess_perlayer_weights`` keeps expert 0's ``prequant_scaling_factor`` for every expert ("MoE experts share
+the same scaling factor") and the wrapper holds one (1, in), while the audit applies each expert's own (ModelOpt
+re-smooths all experts to one, ``build_stacked_experts``, which changes their weights); SmoothQuant and FP8
+per-channel formats (``MixtureOfExperts`` has no SmoothQuant path and raises "MOE Does not support FP8 rowwise");
+W4A8_NVFP4_FP8 (no MoE path). ModelOpt itself warns "TensorRT-LLM may not support MOE quantization" for every
+format but FP8 (``build_decoder_config``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -206,6 +236,28 @@ TRTLLM["w4a8_nvfp4_fp8"] = Storage(
     "W4A8_NVFP4_FP8", "w4a8_nvfp4_fp8", _NVFP4_TENSORS,
     block_config=(("has_zero_point", False), ("pre_quant_scale", True)),
     caveat=_TRT_ENGINE_LOADER_NVFP4_ONLY.format(algo="W4A8_NVFP4_FP8"))
+
+# MoE experts: the dense layout stacked on a leading experts axis, but for the tensors one for all experts or shaped
+# otherwise (module docstring)
+EXPERTS = "e"
+
+
+def _experts(fmt: str, shapes: dict[str, tuple[str, ...]]) -> Storage:
+    dense = TRTLLM[fmt]
+    return replace(dense, tensors=tuple(replace(s, shape=shapes.get(s.suffix, (EXPERTS, *s.shape))) for s in dense.tensors))
+
+
+_ONE_FOR_ALL = {"activation_scaling_factor": ONE}
+TRTLLM_EXPERTS: dict[str, Storage] = {
+    "fp8": _experts("fp8", _ONE_FOR_ALL),
+    "int8_wo": _experts("int8_wo", {}),
+    "int4_wo": _experts("int4_wo", {}),
+    "int4_gptq": _experts("int4_gptq", {}),
+    "nvfp4": _experts("nvfp4", {**_ONE_FOR_ALL, "weights_scaling_factor_2": (EXPERTS,)}),
+}
+TRTLLM_EXPERTS_LIMITS = ("it has no SmoothQuant, FP8 per-channel or W4A8_NVFP4_FP8 path and applies one AWQ pre-quant "
+                         "scale to every expert (modeling_utils.preprocess_perlayer_weights), where the audit applies "
+                         "each expert's own")
 
 # Formats with no TensorRT-LLM checkpoint layout, and why (export refuses them before quantizing).
 TRTLLM_REFUSED = {

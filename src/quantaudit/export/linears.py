@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..arch import ARCHITECTURES, TrtllmDecoder
+from ..arch import ARCHITECTURES, SparseMoE, TrtllmDecoder, TrtllmSlot
 from ..errors import UserError
 from ..quant.weightonly import load_source
 from .layout import Storage, TensorSpec
@@ -43,6 +43,8 @@ class ModelFacts:
     norm_offset: float  # norms are stored as norm_offset + w (Gemma's (1 + w)·x̂ RMSNorm: TensorRT-LLM's w·x̂)
     family_config: dict  # the family's own config.json keys
     sliding_window: int | None  # the window of the model's sliding layers (None: none), >= the engine's tokens
+    sparse: SparseMoE | None  # where the HF layers keep their experts and router (decoder.moe: stacked slots)
+    moe_config: dict | None  # config.json "moe": num_experts, top_k, normalization_mode
 
 
 def trtllm_writable() -> str:
@@ -86,9 +88,13 @@ def model_facts(config, max_seq_len: int) -> ModelFacts:
     model_type = getattr(config, "model_type", None)
     arch = next((a for a in ARCHITECTURES if model_type in a.model_types), None)
     if arch is None or arch.trtllm is None:
-        raise UserError(f"--target trtllm writes the model types {trtllm_writable()} (the dense decoders ModelOpt "
-                        f"exports for TensorRT-LLM); this model is {model_type!r}: use --target hf, which writes "
-                        "every family quantaudit audits")
+        from .hf import hf_writes
+
+        other = ("quantaudit does not audit that family" if arch is None else
+                 "use --target hf (TensorRT-LLM's PyTorch backend and vLLM read it)" if hf_writes(arch) else
+                 "quantaudit exports it to neither target yet")
+        raise UserError(f"--target trtllm writes the model types {trtllm_writable()} (the decoders ModelOpt exports "
+                        f"for TensorRT-LLM's TensorRT engines); this model is {model_type!r}: {other}")
     decoder = arch.trtllm
     ropes = _ropes(config)
     odd = next((r.get("rope_type", "default") for r in ropes.values() if r.get("rope_type", "default") != "default"), None)
@@ -124,6 +130,10 @@ def model_facts(config, max_seq_len: int) -> ModelFacts:
         family.update(_sliding_window_pattern=_sliding_pattern(types, model_type),
                       rope_local_base_freq=thetas.get(SLIDING_ATTENTION, full_theta), sliding_window=window)
     rotary_pct = next(iter(ropes.values())).get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None)
+    moe_config = None
+    if decoder.moe:
+        moe_config = {key: getattr(config, hf_key) for key, hf_key in decoder.moe.hf_keys}
+        moe_config["normalization_mode"] = decoder.moe.normalization_mode
     return ModelFacts(
         decoder=decoder, model_type=model_type, layers=config.num_hidden_layers, hidden=config.hidden_size,
         heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
@@ -131,6 +141,7 @@ def model_facts(config, max_seq_len: int) -> ModelFacts:
         intermediate=config.intermediate_size, vocab=config.vocab_size, eps=eps, rope_theta=full_theta,
         rotary_pct=float(rotary_pct or 1.0), max_positions=config.max_position_embeddings, hidden_act=trt_act,
         norm_offset=arch.norm_offset, family_config=family, sliding_window=window if sliding else None,
+        sparse=arch.moe if decoder.moe else None, moe_config=moe_config,
     )
 
 
@@ -170,6 +181,15 @@ class Part:
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.own(self.record.dequantized_weight())
+
+
+def slot_paths(slot: TrtllmSlot, layer: int, facts: ModelFacts) -> list[str]:
+    """The HF linears (``path`` or ``path:block``, full module names) slot ``slot`` of decoder layer ``layer`` holds:
+    an experts slot's projections expert by expert."""
+    prefix = f"model.layers.{layer}."
+    if not slot.experts:
+        return [prefix + p for p in slot.parts]
+    return [f"{prefix}{facts.sparse.experts}.{e}.{p}" for e in range(facts.moe_config["num_experts"]) for p in slot.parts]
 
 
 def parts_of(qm, names: list[str], facts: ModelFacts | None = None) -> list[Part]:

@@ -5,8 +5,9 @@ the checkpoint's family (the TensorRT-LLM ``architecture`` looked up in :mod:`qu
 checkpoint files alone (config + safetensors; nothing from the quantized model): ranks are reassembled,
 the qkv rows are split back into Q, K and V (per rank, by heads) and fused HF linears (Phi-3's
 ``qkv_proj``, ``gate_up_proj``) put back together in their own row order, INT4 and FP4 bytes unpacked,
-Gemma's stored ``1 + w`` norms applied as stored, and every quantized linear becomes a
-:class:`~quantaudit.quant.qlinear.QuantLinear` computing ``quant_act(x * pre_quant_scale) @
+Gemma's stored ``1 + w`` norms applied as stored, Mixtral's stacked experts taken apart into the
+per-expert linears of :mod:`quantaudit.moe` (its float32 routers as stored), and every quantized linear
+becomes a :class:`~quantaudit.quant.qlinear.QuantLinear` computing ``quant_act(x * pre_quant_scale) @
 (codes * scale).T`` with the stored codes and scales. The TensorRT-LLM layout is interpreted from
 its ``quant_algo`` through :mod:`quantaudit.export.layout`, the same table the exporter writes from.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,12 +44,14 @@ from .layout import (
     BIAS,
     DTYPES,
     EMBEDDING,
+    EXPERTS,
     FINAL_NORM,
     HF,
     HF_KV_SCALES,
     KV_CACHE_SCALE,
     LM_HEAD_SLOT,
     TRTLLM,
+    TRTLLM_EXPERTS,
     Storage,
     TensorSpec,
     split_axis,
@@ -147,6 +151,17 @@ class _Ranks:
         return [f[name] for f in self.files]
 
 
+class _Expert:
+    """One expert's tensors of a stacked experts slot (one rank): the stacked ones sliced, the others whole."""
+
+    def __init__(self, ranks: _Ranks, stacked: set[str], index: int):
+        self.ranks, self.stacked, self.index = ranks, stacked, index
+
+    def get(self, name: str) -> list[torch.Tensor] | None:
+        per_rank = self.ranks.get(name)
+        return [t[self.index] for t in per_rank] if per_rank is not None and name in self.stacked else per_rank
+
+
 def _unshard_slot(per_rank: list[torch.Tensor], axis: int | None, part_sizes: list[int]) -> torch.Tensor:
     """Ranks' tensors of a fused linear back to the whole: each rank holds its share of every part."""
     if axis is None or len(per_rank) == 1 or len(part_sizes) == 1:
@@ -169,7 +184,7 @@ def _w8a16(per_rank: list[torch.Tensor], parallel: str, dtype: torch.dtype, part
     return torch.cat(codes, dim=1), torch.cat(scales, dim=1), group
 
 
-def _read_slot(ranks: _Ranks, name: str, slot: TrtllmSlot, specs: tuple[TensorSpec, ...], part_sizes: list[int],
+def _read_slot(ranks: _Ranks | _Expert, name: str, slot: TrtllmSlot, specs: tuple[TensorSpec, ...], part_sizes: list[int],
                dtype: torch.dtype) -> list[dict]:
     """Each part's rows of the slot's tensors, keyed by suffix (INT4/FP4 codes unpacked; ``w8a16``: the codes,
     scales and group TensorRT-LLM's load-time quantization gives those rows)."""
@@ -243,6 +258,11 @@ def _hf_config(cfg: dict, decoder: TrtllmDecoder) -> dict:
               rope_parameters=rope, sliding_window=cfg["max_position_embeddings"],
               pad_token_id=None,  # not in the checkpoint; an embedding's padding index changes no forward
               **{k: cfg[k] for k in decoder.copied})
+    if decoder.moe:
+        if cfg["moe"]["normalization_mode"] != decoder.moe.normalization_mode:
+            raise UserError(f"moe normalization_mode {cfg['moe']['normalization_mode']}: the reader computes "
+                            f"{decoder.moe.normalization_mode} (renormalised top-k) only")
+        kw.update({hf_key: cfg["moe"][key] for key, hf_key in decoder.moe.hf_keys})
     if decoder.local_rope:  # models/gemma/model.py: layer i is local iff (i + 1) % _sliding_window_pattern
         pattern = cfg["_sliding_window_pattern"]
         kw["layer_types"] = [SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION
@@ -250,6 +270,25 @@ def _hf_config(cfg: dict, decoder: TrtllmDecoder) -> dict:
         kw["rope_parameters"] = {FULL_ATTENTION: rope,
                                  SLIDING_ATTENTION: {"rope_type": "default", "rope_theta": cfg["rope_local_base_freq"]}}
     return kw
+
+
+def _load_slot(model: nn.Module, source: _Ranks | _Expert, name: str, slot: TrtllmSlot, paths: list[str],
+               storage: Storage, specs: tuple[TensorSpec, ...], group: int | None, dtype: torch.dtype, cfg: dict) -> set[str]:
+    """Put the HF linears ``paths`` (full names, ``path:block`` for a row block) that TensorRT-LLM linear ``name``
+    holds into ``model``; returns the parameter names set."""
+    parts = [(hf, block or None) for hf, _, block in (p.partition(":") for p in paths)]
+    rows = [block_rows(block, model.get_submodule(hf).out_features, cfg["num_attention_heads"],
+                       cfg["num_key_value_heads"], cfg["head_size"]) for hf, block in parts]
+    pieces = _read_slot(source, name, slot, specs, [r.stop - r.start for r in rows], dtype)
+    loaded = set()
+    for hf_name in dict.fromkeys(hf for hf, _ in parts):  # each HF linear once, its row blocks in row order
+        mine = sorted((r.start, piece) for (hf, _), r, piece in zip(parts, rows, pieces) if hf == hf_name)
+        own = _joined([piece for _, piece in mine])
+        linear = model.get_submodule(hf_name)
+        module = _decode(storage, own, (linear.out_features, linear.in_features), group, dtype, own.pop("w8a16", None))
+        model.set_submodule(hf_name, module)
+        loaded |= {f"{hf_name}.{n}" for n, _ in module.named_parameters()}
+    return loaded
 
 
 def load_trtllm_checkpoint(path: str | Path) -> nn.Module:
@@ -269,17 +308,21 @@ def load_trtllm_checkpoint(path: str | Path) -> nn.Module:
         layer_cfgs = json.loads((path / "quant_cfg.json").read_text())["quantized_layers"]
     dtype = DTYPES[cfg["dtype"]]
     tp = cfg["mapping"]["tp_size"]
+    if decoder.moe and tp > 1:
+        raise UserError(f"{path}: the reader takes {arch.family} checkpoints of one rank (what quantaudit writes)")
     ranks = _Ranks(path, tp)
 
-    def storage_of(name: str) -> tuple[Storage, int | None]:
+    def storage_of(name: str, table: dict[str, Storage]) -> tuple[Storage, int | None]:
         if layer_cfgs is not None:
             entry = layer_cfgs.get(name)
-            return (_storage_for_algo(TRTLLM, entry), entry.get("group_size")) if entry else (PLAIN, None)
+            return (_storage_for_algo(table, entry), entry.get("group_size")) if entry else (PLAIN, None)
         if any(fnmatch.fnmatchcase(name, p) for p in quant.get("exclude_modules") or []):
             return PLAIN, None
-        return _storage_for_algo(TRTLLM, quant), quant.get("group_size")
+        return _storage_for_algo(table, quant), quant.get("group_size")
 
     model = _causal_lm(_hf_config(cfg, decoder), arch.model_types[0])
+    if decoder.moe:  # per-expert linears, as the audited model has them
+        model = linearize_experts(model)
     embedding, hf_embedding, axis = EMBEDDING
     state = {hf_embedding: unshard(ranks.get(embedding), axis).float()}
     norms = [(FINAL_NORM[0], FINAL_NORM[1])] + [
@@ -291,6 +334,10 @@ def load_trtllm_checkpoint(path: str | Path) -> nn.Module:
             model.set_submodule(hf_name[: -len(".weight")], _StoredNorm(model.get_submodule(hf_name[: -len(".weight")]), weight))
         else:
             state[hf_name] = weight
+    if decoder.moe:  # the float32 routers
+        state.update((f"model.layers.{i}.{arch.moe.router}.weight",
+                      ranks.get(f"transformer.layers.{i}.{decoder.moe.router}.weight")[0].float())
+                     for i in range(cfg["num_hidden_layers"]))
     model.load_state_dict(state, strict=False)
     loaded = set(state) | {hf for _, hf in norms}
     kv = [ranks.get(f"transformer.layers.{i}.{KV_CACHE_SCALE}") for i in range(cfg["num_hidden_layers"])]
@@ -303,19 +350,18 @@ def load_trtllm_checkpoint(path: str | Path) -> nn.Module:
     else:
         slots.append(("lm_head", "", LM_HEAD_SLOT))
     for name, hf_prefix, slot in slots:
-        storage, group = storage_of(name)
+        storage, group = storage_of(name, TRTLLM_EXPERTS if slot.experts else TRTLLM)
         specs = storage.tensors + ((BIAS,) if slot.name in decoder.biased else ())
-        parts = [(hf_prefix + path, block or None) for path, _, block in (p.partition(":") for p in slot.parts)]
-        rows = [block_rows(block, model.get_submodule(hf).out_features, cfg["num_attention_heads"],
-                           cfg["num_key_value_heads"], cfg["head_size"]) for hf, block in parts]
-        pieces = _read_slot(ranks, name, slot, specs, [r.stop - r.start for r in rows], dtype)
-        for hf_name in dict.fromkeys(hf for hf, _ in parts):  # each HF linear once, its row blocks in row order
-            mine = sorted((r.start, piece) for (hf, _), r, piece in zip(parts, rows, pieces) if hf == hf_name)
-            own = _joined([piece for _, piece in mine])
-            linear = model.get_submodule(hf_name)
-            module = _decode(storage, own, (linear.out_features, linear.in_features), group, dtype, own.pop("w8a16", None))
-            model.set_submodule(hf_name, module)
-            loaded |= {f"{hf_name}.{n}" for n, _ in module.named_parameters()}
+        if not slot.experts:
+            loaded |= _load_slot(model, ranks, name, slot, [hf_prefix + p for p in slot.parts], storage, specs, group,
+                                 dtype, cfg)
+            continue
+        stacked = {f"{name}.{s.suffix}" for s in specs if s.shape[:1] == (EXPERTS,)}
+        own_specs = tuple(replace(s, shape=s.shape[1:]) if f"{name}.{s.suffix}" in stacked else s for s in specs)
+        for e in range(cfg["moe"]["num_experts"]):
+            paths = [f"{hf_prefix}{arch.moe.experts}.{e}.{p}" for p in slot.parts]
+            loaded |= _load_slot(model, _Expert(ranks, stacked, e), name, slot, paths, storage, own_specs, group, dtype,
+                                 cfg)
     _check_loaded(model, loaded)
     return model.eval()
 

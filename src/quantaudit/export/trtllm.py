@@ -21,11 +21,18 @@ ModelOpt forces for the gemma decoders). Linears left unquantized are listed in 
 ``lm_head`` unless it is quantized); a model whose quantized linears need more than one layer config
 (formats, or the INT4 group size where a layer fell back to 64) is ``MIXED_PRECISION`` with
 ``quant_cfg.json``, as ModelOpt's ``process_layer_quant_config`` writes it.
+
+Mixtral (:class:`~quantaudit.arch.TrtllmMoE`): the experts of each sparse layer are stacked into ``mlp.fc`` / ``mlp.proj``
+(:data:`~quantaudit.export.layout.TRTLLM_EXPERTS`), the router is ``mlp.router`` in float32 and listed in
+``exclude_modules`` (else TensorRT-LLM's ``quantize_layers`` would quantize it: a written list replaces its default
+``*router``), and ``config.json`` gets the ``moe`` section and ``moe_tp_size`` / ``moe_ep_size``. TensorRT-LLM builds
+every ``MixtureOfExperts`` in the model-wide quant mode (``LLaMADecoderLayer`` passes ``config.quant_mode``), so a
+Mixtral checkpoint is one format, every expert quantized; only ``--tp 1`` is written.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -38,11 +45,14 @@ from .layout import (
     BIAS,
     DTYPES,
     EMBEDDING,
+    EXPERTS,
     FINAL_NORM,
     KV_CACHE_SCALE,
     KV_SEPARATE_SCALES,
     LM_HEAD_SLOT,
     TRTLLM,
+    TRTLLM_EXPERTS,
+    TRTLLM_EXPERTS_LIMITS,
     TRTLLM_REFUSED,
     Dims,
     Storage,
@@ -59,6 +69,7 @@ from .linears import (
     out_axis,
     parts_of,
     role_value,
+    slot_paths,
 )
 from .packing import shard
 
@@ -72,13 +83,21 @@ class PlacedSlot:
     parts: list[Part]
     format: str | None  # None: unquantized
     group_size: int | None
+    experts: int = 0  # an experts slot: the parts of this many experts, expert by expert (0: one linear)
 
     @property
     def storage(self) -> Storage:
-        return TRTLLM[self.format] if self.format else PLAIN
+        return (TRTLLM_EXPERTS if self.experts else TRTLLM)[self.format] if self.format else PLAIN
+
+    def expert_parts(self) -> list[list[Part]]:
+        """The parts of each expert (one list for a plain slot)."""
+        n = len(self.parts) // max(self.experts, 1)
+        return [self.parts[k: k + n] for k in range(0, len(self.parts), n)]
 
     def dims(self) -> Dims:
-        return Dims(sum(p.out_features for p in self.parts), self.parts[0].record.in_features, self.group_size)
+        """The sizes of the linear (of one expert's, in an experts slot)."""
+        own = self.expert_parts()[0]
+        return Dims(sum(p.out_features for p in own), own[0].record.in_features, self.group_size)
 
     def layer_config(self) -> dict | None:
         return trtllm_layer_config(self.storage, self.group_size) if self.format else None
@@ -99,13 +118,14 @@ def place_slots(qm, facts: ModelFacts) -> list[PlacedSlot]:
     for i in range(facts.layers):
         for slot in facts.decoder.slots:
             name = f"transformer.layers.{i}.{slot.name}"
-            parts = parts_of(qm, [f"model.layers.{i}.{p}" for p in slot.parts], facts)
+            parts = parts_of(qm, slot_paths(slot, i, facts), facts)
             biased = slot.name in facts.decoder.biased
             odd = next((p for p in parts if (p.record.bias is not None) != biased), None)
             if odd:
                 raise UserError(f"{odd.name} has {'no ' if biased else 'a '}bias, but TensorRT-LLM's {facts.decoder.decoder} "
                                 f"decoder {'adds one to' if biased else 'has none in'} {slot.name}; use --target hf")
-            placed.append(PlacedSlot(name, slot, parts, *common_format(parts, name)))
+            experts = facts.moe_config["num_experts"] if slot.experts else 0
+            placed.append(PlacedSlot(name, slot, parts, *common_format(parts, name), experts=experts))
     head = parts_of(qm, ["lm_head"])
     placed.append(PlacedSlot("lm_head", LM_HEAD_SLOT, head, *common_format(head, "lm_head")))
     check_trtllm_formats({p.format for p in placed if p.format})
@@ -149,10 +169,32 @@ def _check_blocks(placed: list[PlacedSlot]) -> None:
             )
 
 
+def _one_expert_format(facts: ModelFacts) -> UserError:
+    return UserError(f"--target trtllm: TensorRT-LLM builds the MoE layers of a {facts.model_type} model in the "
+                     "checkpoint's one quant_algo (models/llama/model.py passes config.quant_mode to MixtureOfExperts): "
+                     "quantize every expert, in one format and group size (no mixed-precision plan, no expert left "
+                     "unquantized), or export --target hf")
+
+
+def _check_expert_formats(facts: ModelFacts, formats: set[str]) -> None:
+    """The experts' formats are ones TensorRT-LLM's MoE layer runs as audited (:data:`TRTLLM_EXPERTS`), one for the
+    whole checkpoint."""
+    formats = formats - {"none"}
+    odd = sorted(formats - set(TRTLLM_EXPERTS))
+    if odd:
+        raise UserError(f"--target trtllm: TensorRT-LLM's MoE layer (layers/moe.py) runs {facts.model_type} experts as "
+                        f"audited in {', '.join(TRTLLM_EXPERTS)} only, not {odd[0]}: {TRTLLM_EXPERTS_LIMITS}; export one "
+                        "of those, or --target hf")
+    if len(formats) > 1:
+        raise _one_expert_format(facts)
+
+
 def check_trtllm_request(config, tp: int, max_seq_len: int, formats: set[str]) -> ModelFacts:
     """The model is exportable in ``formats`` for an engine of ``max_seq_len`` tokens and ``tp`` splits it (checked
     before quantizing)."""
     facts = model_facts(config, max_seq_len)
+    if facts.decoder.moe:
+        _check_expert_formats(facts, formats)
     _check_family_formats(facts, formats)
     if tp < 1:
         raise UserError(f"--tp must be at least 1 (got {tp})")
@@ -190,14 +232,30 @@ def _tensor(spec, placed: PlacedSlot, tp: int, dtype: torch.dtype) -> list[torch
     return ranks
 
 
+def _expert_tensor(spec, placed: PlacedSlot, dtype: torch.dtype) -> torch.Tensor:
+    """An experts slot's ``placed.<suffix>`` tensor: each expert's stacked, or one for all experts."""
+    if spec.shape[:1] != (EXPERTS,):
+        return encode(role_value(spec, placed.parts, placed.name), spec, dtype)
+    own = replace(spec, shape=spec.shape[1:])
+    stacked = []
+    for parts in placed.expert_parts():
+        value = role_value(own, parts, placed.name)
+        stacked.append(encode(torch.cat(value, dim=out_axis(own)) if isinstance(value, list) else value, own, dtype))
+    return torch.stack(stacked)
+
+
 def _linear_tensors(placed: PlacedSlot, tp: int, dtype: torch.dtype) -> dict[str, list[torch.Tensor]]:
     specs = [s for s in placed.storage.tensors if not (s.row_only and placed.slot.parallel != "row")]
     if placed.parts[0].record.bias is not None:
         specs.append(BIAS)
+    if placed.experts:  # written for one rank (the MoE decoder's single_rank)
+        return {f"{placed.name}.{s.suffix}": [_expert_tensor(s, placed, dtype)] for s in specs}
     return {f"{placed.name}.{s.suffix}": _tensor(s, placed, tp, dtype) for s in specs}
 
 
-def _quantization(placed: list[PlacedSlot], kv_algo: str | None) -> tuple[dict, dict | None]:
+def _quantization(placed: list[PlacedSlot], kv_algo: str | None, unquantized: list[str]) -> tuple[dict, dict | None]:
+    """The quantization config (and quant_cfg.json where mixed); ``unquantized``: modules to exclude besides the
+    placed linears left unquantized (MoE routers)."""
     configs = [p.layer_config() for p in placed if p.format]
     if not configs:
         raise UserError("nothing is quantized: export a quantized format (see `quantaudit formats`)")
@@ -205,7 +263,7 @@ def _quantization(placed: list[PlacedSlot], kv_algo: str | None) -> tuple[dict, 
     if len(distinct) == 1:
         layer = next(iter(distinct.values()))
         extra = {k: v for k, v in layer.items() if k != "quant_algo"}
-        excluded = sorted(p.name for p in placed if not p.format)
+        excluded = sorted([p.name for p in placed if not p.format] + unquantized)
         return {"quant_algo": layer["quant_algo"], "kv_cache_quant_algo": kv_algo, **extra,
                 "exclude_modules": excluded}, None
     blocky = next((p for p in placed if p.format and p.storage.whole_blocks), None)
@@ -217,7 +275,7 @@ def _quantization(placed: list[PlacedSlot], kv_algo: str | None) -> tuple[dict, 
 
 
 def _config(facts: ModelFacts, dtype_name: str, tp: int, quantization: dict, shared_embedding: bool) -> dict:
-    return {
+    config = {
         "producer": {"name": "quantaudit", "version": __version__},
         "architecture": facts.decoder.architecture,
         "dtype": dtype_name,
@@ -248,6 +306,10 @@ def _config(facts: ModelFacts, dtype_name: str, tp: int, quantization: dict, sha
         "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1},
         "quantization": quantization,
     }
+    if facts.moe_config:  # tensorrt_llm_utils.convert_to_tensorrt_llm_config ("For Mixtral and Arctic")
+        config["moe"] = facts.moe_config
+        config["mapping"].update(moe_tp_size=tp, moe_ep_size=1)
+    return config
 
 
 def check_trtllm_kv(kv_cache: str, kv_scales: str) -> None:
@@ -263,16 +325,22 @@ def _load_time_changes(placed: list[PlacedSlot], ranks: list[dict[str, torch.Ten
     """(changed, all) weight rows of the layers TensorRT-LLM quantizes at load (W8A16) whose codes x scale its
     load-time quantization of the written tensors - each rank's shard on its own, the scale in the checkpoint
     dtype - does not give back as audited. Checked, not assumed: with --tp a row-parallel shard gets its own
-    per-channel scale, and a float16 scale cannot hold every channel scale below 2^-14 (its subnormals)."""
+    per-channel scale, and a float16 scale cannot hold every channel scale below 2^-14 (its subnormals). Stacked
+    experts are quantized matrix by matrix (one rank)."""
     changed = total = 0
     for p in placed:
         if not (p.format and get_format(p.format).weight.quantized_at_load):
             continue
-        audited = [part.dequantized_weight() for part in p.parts]
-        for r in range(tp):
-            expected = (torch.cat([shard(a, 0, tp, r) for a in audited]) if p.slot.parallel == "column"
-                        else shard(torch.cat(audited), 1, tp, r))
-            codes, scale = trtllm_weight_only_quantize(ranks[r][f"{p.name}.weight"])
+        if p.experts:
+            written = ranks[0][f"{p.name}.weight"]
+            pairs = [(torch.cat([part.dequantized_weight() for part in parts]), written[k])
+                     for k, parts in enumerate(p.expert_parts())]
+        else:
+            audited = [part.dequantized_weight() for part in p.parts]
+            pairs = [((torch.cat([shard(a, 0, tp, r) for a in audited]) if p.slot.parallel == "column"
+                       else shard(torch.cat(audited), 1, tp, r)), ranks[r][f"{p.name}.weight"]) for r in range(tp)]
+        for expected, stored in pairs:
+            codes, scale = trtllm_weight_only_quantize(stored)
             loaded = codes.float() * scale.to(dtype).float()
             changed += int((loaded != expected).any(dim=1).sum())
             total += expected.shape[0]
@@ -308,11 +376,12 @@ def _warnings(placed: list[PlacedSlot], tp: int, facts: ModelFacts, max_seq_len:
     Implemented for ModelOpt HF-AWQ"). ModelOpt writes them unpadded, as we do. The engine already picks a
     group size that avoids the padding where one exists (``engine._group_size_for``); what remains are sizes
     no group size helps (SmolLM2's 576 under W4A8's 128, stories260K's 172 outputs) and uneven --tp splits.
-    Formats TensorRT-LLM's engine loader does not read at all carry their layout's ``caveat``. A model with
-    sliding-window layers is exact only in engines of at most its window (checked against ``max_seq_len``)."""
+    MoE experts are not padded (``MOEWeightWrapper``). Formats TensorRT-LLM's engine loader does not read at all
+    carry their layout's ``caveat``. A model with sliding-window layers is exact only in engines of at most its
+    window (checked against ``max_seq_len``)."""
     odd = []
     for p in placed:
-        multiple = get_format(p.format).weight.pad_multiple if p.format else None
+        multiple = get_format(p.format).weight.pad_multiple if p.format and not p.experts else None
         if multiple and any(n % (max(multiple, p.group_size) * tp) for n in (p.dims().out, p.dims().inp)):
             odd.append(f"{p.name} ({p.dims().out}x{p.dims().inp}, multiple {max(multiple, p.group_size) * tp})")
     caveats = list(dict.fromkeys(f"{p.storage.quant_algo}: {p.storage.caveat}" for p in placed if p.format and p.storage.caveat))
@@ -339,7 +408,11 @@ def build_trtllm(qm, base_config, dtype: str, tp: int, max_seq_len: int) -> Trtl
     _check_groups(placed, tp)
     check_trtllm_kv(qm.spec.kv_cache, qm.spec.kv_scales)
     kv_algo = get_kv_cache_format(qm.spec.kv_cache).trtllm_kv_cache_quant_algo
-    quantization, quant_cfg = _quantization(placed, kv_algo)
+    moe = facts.decoder.moe
+    routers = [f"transformer.layers.{i}.{moe.router}" for i in range(facts.layers)] if moe else []
+    quantization, quant_cfg = _quantization(placed, kv_algo, routers)
+    if moe and (quant_cfg or any(p.experts and not p.format for p in placed)):
+        raise _one_expert_format(facts)
 
     ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
 
@@ -378,6 +451,8 @@ def build_trtllm(qm, base_config, dtype: str, tp: int, max_seq_len: int) -> Trtl
             put(f"{prefix}.{KV_CACHE_SCALE}", replicated(k.clone()))  # its own storage: safetensors refuses sharing
             for suffix, value in zip(KV_SEPARATE_SCALES, (k, v)):
                 put(f"{prefix}.{suffix}", replicated(value))
+    for i, router in enumerate(routers):  # float32, as TensorRT-LLM's router RowLinear (TrtllmMoE)
+        put(f"{router}.weight", replicated(state[f"model.layers.{i}.{facts.sparse.router}.weight"].float().clone()))
     config = _config(facts, dtype, tp, quantization, shared)
     return TrtllmCheckpoint(config, quant_cfg, ranks, placed, notes=_notes(placed, ranks, dtype, tp),
                             warnings=_warnings(placed, tp, facts, max_seq_len))
