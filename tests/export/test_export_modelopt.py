@@ -132,3 +132,46 @@ def test_int4_awq_export_matches_modelopt(exported, stories, ids):
     error = (fake - base).abs().max().item()
     read = (logits(load_trtllm_checkpoint(theirs), ids) - fake).abs().max().item()
     assert error > 1 and read < 0.1, (error, read)
+
+
+# Families of the architecture table whose unified HF checkpoint is compared with ModelOpt's own
+# (``export_hf_checkpoint``), FP8 (``mtq.FP8_DEFAULT_CFG``, per-tensor maxima on the same tokens), both written
+# in float32 (ModelOpt keeps the unquantized tensors in the model's own dtype).
+HF_FAMILIES = ["llama_untied_llama3_rope", "qwen3", "gemma3_text", "mixtral"]
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_fp8_hf_export_of_each_family_matches_modelopt(name, tiny_model_dir, shared_dir, tmp_path):
+    """Same tensor names, dtypes and shapes as ModelOpt's unified HF export of the same tiny model (ModelOpt
+    quantizes transformers' own model, 3-D experts included; ours the per-expert linears of quantaudit.moe,
+    written under the family's checkpoint names)."""
+    from transformers import AutoModelForCausalLM
+
+    from quantaudit.data import load_windows
+    from quantaudit.models import load_model
+    from quantaudit.quant import QuantSpec, quantize
+
+    folder = tiny_model_dir(name)
+    lm = load_model(str(folder))
+    calib = load_windows(shared_dir / "data" / "tinystories_sample.txt", lm.tokenizer, seq_len=32, n_windows=2,
+                         role="calib")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for row, n in zip(calib.ids, calib.lengths):
+                m(row[None, :n])
+
+    mtq.quantize(model, mtq.FP8_DEFAULT_CFG, forward_loop)
+    theirs, ours = tmp_path / "modelopt", tmp_path / "quantaudit"
+    mte.export_hf_checkpoint(model, dtype=torch.float32, export_dir=theirs)
+    export_checkpoint(quantize(lm.model, QuantSpec(format="fp8"), calib, progress=False), lm.config, ours,
+                      target="hf", dtype="float32")
+
+    def hf_layout(path):
+        out = {}
+        for f in sorted(path.glob("*.safetensors")):
+            out.update({k: (str(v.dtype), tuple(v.shape)) for k, v in load_file(f).items()})
+        return out
+
+    assert hf_layout(ours) == hf_layout(theirs)

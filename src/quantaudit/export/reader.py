@@ -248,8 +248,10 @@ def _hf_config(cfg: dict, decoder: TrtllmDecoder) -> dict:
     """The HF config of what TensorRT-LLM's ``decoder`` computes from ``cfg``: global attention (its engine
     attends to every token it holds), the activation under its HF name, the family's own keys."""
     act = {trt: hf for hf, trt in decoder.hidden_act}[cfg["hidden_act"]]
-    rope = {"rope_type": "default", "rope_theta": cfg["rotary_base"]}
-    if cfg["rotary_pct"] != 1.0:
+    # absent keys take TensorRT-LLM's PretrainedConfig defaults (rotary_base 10000, rotary_pct 1): ModelOpt under
+    # transformers 5 omits rotary_base (test_export_modelopt.py)
+    rope = {"rope_type": "default", "rope_theta": cfg.get("rotary_base", 10000.0)}
+    if cfg.get("rotary_pct", 1.0) != 1.0:
         rope["partial_rotary_factor"] = cfg["rotary_pct"]
     kw = dict(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
               num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
