@@ -26,7 +26,12 @@ from pathlib import Path
 import torch
 
 from quantaudit.data import Windows, load_windows
-from quantaudit.evaluate import auto_batch_size, build_baseline, compare_to_baseline, evaluate_perplexity, iter_logits
+from quantaudit.evaluate import (
+    auto_batch_size,
+    build_baseline,
+    compare_to_baseline,
+    evaluate_perplexity,
+)
 from quantaudit.metrics import PairedAccumulator, summarize_logits
 from quantaudit.models import load_model
 from quantaudit.quant.numerics import fake_int, grouped, int_scale
@@ -118,14 +123,24 @@ def noisy(model: torch.nn.Module, fraction: float) -> torch.nn.Module:
     return model
 
 
-def k_errors(loaded, windows, candidate, ks) -> dict:
-    accs = {k: PairedAccumulator() for k in (None, *ks)}
-    for (part, base_logits), (_, cand_logits) in zip(iter_logits(loaded, windows), iter_logits(candidate, windows)):
+@torch.inference_mode()
+def window_logits(model, windows: Windows):
+    """Each window's scored logits [n, V] and targets [n], from the model's forward in the audit's batches."""
+    size = auto_batch_size(model, windows)
+    for start in range(0, windows.n, size):
+        part = slice(start, min(start + size, windows.n))
+        logits = model(input_ids=windows.ids[part, : int(windows.lengths[part].max())], use_cache=False).logits.float()
         for row, i in enumerate(range(part.start, part.stop)):
             n = int(windows.lengths[i]) - 1
-            targets = windows.ids[i, 1 : n + 1]
-            for k, acc in accs.items():
-                acc.update(summarize_logits(base_logits[row, :n], targets, k), cand_logits[row, :n], targets)
+            yield logits[row, :n], windows.ids[i, 1 : n + 1]
+
+
+def k_errors(loaded, windows, candidate, ks) -> dict:
+    accs = {k: PairedAccumulator() for k in (None, *ks)}
+    for (base_logits, targets), (cand_logits, _) in zip(window_logits(loaded.model, windows),
+                                                        window_logits(candidate, windows)):
+        for k, acc in accs.items():
+            acc.update(summarize_logits(base_logits, targets, k), cand_logits, targets)
     full = accs[None].summary()
     row = {"kld_full": full["kld"]["mean"], "kld_reverse_full": full["kld_reverse"]["mean"], "rel_error": {},
            "rel_error_reverse": {}}

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_metrics import assert_summary_close, brute_force
 
 from quantaudit.data import load_windows
 from quantaudit.errors import UserError
@@ -16,9 +17,8 @@ from quantaudit.evaluate import (
     compare_models,
     compare_to_baseline,
     evaluate_perplexity,
-    iter_logits,
+    iter_hidden,
 )
-from test_metrics import assert_summary_close, brute_force
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +93,12 @@ def test_stories_perplexity_matches_llama2c_and_brute_force(stories, windows, re
     assert one_by_one["ppl"] == pytest.approx(result["ppl"], rel=1e-6)
 
 
-def test_iter_logits_cuts_each_batch_to_its_longest_window(stories, windows):
-    batches = list(iter_logits(stories, windows, batch_size=2))
+def test_iter_hidden_cuts_each_batch_to_its_longest_window(stories, windows):
+    batches = list(iter_hidden(stories, windows, batch_size=2))
     assert [(b[0].start, b[0].stop) for b in batches] == [(0, 2), (2, 4), (4, 5)]
-    for part, logits in batches:
-        assert logits.dtype == torch.float32
-        assert logits.shape == (part.stop - part.start, int(windows.lengths[part].max()), 512)
+    for part, hidden in batches:
+        assert hidden.dtype == torch.float32
+        assert hidden.shape == (part.stop - part.start, int(windows.lengths[part].max()), 64)
 
 
 def test_model_against_itself_is_exactly_zero(stories, windows):

@@ -2,19 +2,25 @@
 
 Auditing N formats needs the base model's full next-token distribution at every scored token N
 times. llama.cpp keeps it in its ``--kl-divergence-base`` file as all V log-probs in uint16 (2·V
-bytes a token: 98 KB for SmolLM2's 49,152-token vocabulary). Here a window is stored as one of:
+bytes a token: 98 KB for SmolLM2's 49,152-token vocabulary, 512 KB for Gemma's 262,144; and an
+approximation). Here a window is stored as one of:
 
 * ``hidden`` (exact mode, the default): the input of the output layer (the final hidden state,
   d floats: 2.3 KB a token for SmolLM2) plus the targets; the output layer's weight is stored once
-  in ``head.safetensors`` and the base logits are recomputed as ``hidden @ weight.T`` when read
-  (bit-identical to the forward's logits on CPU). Used when the model's logits are exactly its
-  output layer's output, which the builder checks on every batch;
-* ``logprobs`` (exact fallback for models that post-process logits, e.g. soft-capping): all V
-  float32 log-probs (V·4 bytes a token);
+  in ``head.safetensors`` and the model's config in ``meta.json``, and the base logits are recomputed
+  by :class:`quantaudit.logits.OutputHead` (output layer, then the family's soft-capping or scaling)
+  when read, one chunk of tokens at a time, exactly as the candidate's are made;
 * ``topk`` (``top_k=K``): the K largest log-probs with their ids, the rest one tail bin: KL is then
   a lower bound. Fine for a 512-token vocabulary (stories260K: 0.3% low at K = 64), far too low
   for a 49k one, where most of a small perturbation's KL sits in the long tail (SmolLM2, int8
   RTN: 25% low at K = 64, 13% at 256, 1.4% at 4096; ``python bench/bench_eval.py --k-table``).
+
+Trade-off of exact mode: nothing proportional to the vocabulary is kept per token, on disk or in RAM,
+so memory is the same at any vocabulary (one chunk of logits, :mod:`quantaudit.logits`); in exchange
+every candidate recomputes the base logits of every scored token: one output-layer product (d·V
+multiply-adds a token) and a log-softmax over V, in the order of a fifth of a SmolLM2 forward pass.
+Keeping the recomputed log-probs instead would cost 4·V bytes a token (2 GiB for 2,048 tokens at
+262,144), which is what bounded memory rules out; both give the same numbers.
 
 Every window also keeps what perplexity needs; ``meta.json`` holds the base model's perplexity,
 so evaluating the baseline costs nothing.
@@ -24,13 +30,8 @@ and ``meta.json``. The key hashes the model fingerprint, the windows' token fing
 K (None = exact) and the BOS policy. A baseline is written into a temporary sibling folder and
 renamed into place only when complete, and ``meta.json`` (written last) must list files that all
 exist: a killed run never leaves a folder that is read as valid (its ``.tmp-*`` folder is never
-read, and a later build removes it once a day old). Chunks are read back one window at a time,
-so memory stays flat however many windows there are, except for the recomputed log-probs of
-exact windows, which a :class:`Baseline` keeps in RAM up to ``KEEP_BYTES`` (2 GiB: 16 windows of
-512 tokens at SmolLM2's vocabulary) so that candidates read them instead of recomputing the output
-layer and its softmax; windows beyond the budget are recomputed each time. A freshly built baseline
-starts with the log-probs of its own forward pass kept, so even the first candidate recomputes
-nothing; one read from disk keeps them from its first candidate on.
+read, and a later build removes it once a day old). Windows are read back one at a time, so memory
+stays flat however many windows there are.
 """
 
 from __future__ import annotations
@@ -43,21 +44,20 @@ import tempfile
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .logits import OutputHead
 from .metrics import BaselineChunk, PerplexityAccumulator, summarize_logits
 from .models import cache_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEAD_FILE = "head.safetensors"
 # A temporary folder untouched this long is a killed run's leftover and is removed.
 STALE_TMP_SECONDS = 24 * 3600
-KEEP_BYTES = 2 * 2**30  # recomputed exact log-probs kept in RAM for the next candidate (module docstring)
 
 
 def baselines_root() -> Path:
@@ -82,13 +82,27 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 @dataclass
+class BaselineWindow:
+    """One window of a baseline: :meth:`chunk` gives the :class:`BaselineChunk` of any of its scored tokens."""
+
+    head: OutputHead | None = None  # exact mode: the base model's head, final hidden states and targets
+    hidden: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    stored: BaselineChunk | None = None  # top-K mode: the stored log-probs
+
+    def chunk(self, rows: slice) -> BaselineChunk:
+        """The base statistics of scored tokens ``rows`` (recomputed from the hidden states in exact mode)."""
+        if self.stored is not None:
+            return self.stored.rows(rows)
+        return summarize_logits(self.head(self.hidden[rows]), self.targets[rows])
+
+
+@dataclass
 class Baseline:
-    """A complete baseline on disk; :meth:`chunks` streams its windows in order."""
+    """A complete baseline on disk; :meth:`windows` streams its windows in order."""
 
     path: Path
     meta: dict
-    keep_bytes: int = KEEP_BYTES
-    _kept: dict[int, BaselineChunk] = field(default_factory=dict, repr=False)
 
     @property
     def top_k(self) -> int | None:
@@ -104,28 +118,19 @@ class Baseline:
     def n_windows(self) -> int:
         return len(self.meta["files"])
 
-    def _kept_bytes(self) -> int:
-        return sum(chunk.nbytes for chunk in self._kept.values())
-
-    def chunks(self, device: torch.device | str = "cpu") -> Iterator[BaselineChunk]:
-        """One :class:`BaselineChunk` per window, in window order, on ``device``."""
+    def windows(self, device: torch.device | str = "cpu") -> Iterator[BaselineWindow]:
+        """One :class:`BaselineWindow` per window, in window order, on ``device``."""
         head = None
-        for index, name in enumerate(self.meta["files"]):
-            if index in self._kept:
-                yield self._kept[index].to(device)
-                continue
+        for name in self.meta["files"]:
             t = load_file(self.path / name, device=str(device))
             if "hidden" in t:
                 if head is None:
-                    head = load_file(self.path / HEAD_FILE, device=str(device))
-                logits = F.linear(t["hidden"], head["weight"], head.get("bias"))
-                chunk = summarize_logits(logits, t["targets"], None)
-                if self._kept_bytes() + chunk.nbytes <= self.keep_bytes:
-                    self._kept[index] = chunk
-                yield chunk
+                    weights = load_file(self.path / HEAD_FILE, device=str(device))
+                    head = OutputHead.from_weight(weights["weight"], weights.get("bias"), self.meta["config"])
+                yield BaselineWindow(head, t["hidden"], t["targets"].long())
             else:
-                ids = t.get("topk_ids")
-                yield BaselineChunk(t["topk_logprobs"], None if ids is None else ids.long(), t["target_logprob"])
+                chunk = BaselineChunk(t["topk_logprobs"], t["topk_ids"].long(), t["target_logprob"])
+                yield BaselineWindow(stored=chunk)
 
 
 def open_baseline(path: Path) -> Baseline | None:
@@ -165,7 +170,6 @@ class BaselineWriter:
         self.tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         self.files: list[str] = []
         self.storage: set[str] = set()
-        self.kept: dict[int, BaselineChunk] = {}
         self.ppl = PerplexityAccumulator()
         self.started = time.perf_counter()
 
@@ -177,22 +181,20 @@ class BaselineWriter:
         self.ppl.add_nll(-target_logprob)
 
     def add_chunk(self, chunk: BaselineChunk) -> None:
-        """Store a window as log-probs: top-K with ids, or all V (``topk_ids is None``)."""
-        tensors = {"topk_logprobs": chunk.topk_logprobs, "target_logprob": chunk.target_logprob}
-        if chunk.topk_ids is not None:
-            tensors["topk_ids"] = chunk.topk_ids.to(torch.int32)
-        self._add("logprobs" if chunk.topk_ids is None else "topk", tensors, chunk.target_logprob)
+        """Store a window as its top-K log-probs with their ids."""
+        tensors = {"topk_logprobs": chunk.topk_logprobs, "target_logprob": chunk.target_logprob,
+                   "topk_ids": chunk.topk_ids.to(torch.int32)}
+        self._add("topk", tensors, chunk.target_logprob)
 
-    def add_hidden(self, head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
-                   chunk: BaselineChunk) -> None:
-        """Store a window as output-layer inputs [T, d] (exact; ``head`` is saved with the first one);
-        ``chunk``, the window's exact log-probs from the same forward pass, is kept in RAM within
-        ``KEEP_BYTES`` for the baseline's first readers."""
+    def add_hidden(self, head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor,
+                   target_logprob: torch.Tensor) -> None:
+        """Store a window as output-layer inputs [T, d] (exact; ``head``'s weight and config are saved with
+        the first one); ``target_logprob`` [T], the base log-prob of each target, feeds the perplexity."""
         if "hidden" not in self.storage:
-            _save({"weight": head.weight} | ({} if head.bias is None else {"bias": head.bias}), self.tmp / HEAD_FILE)
-        self._add("hidden", {"hidden": hidden, "targets": targets.to(torch.int32)}, chunk.target_logprob)
-        if sum(c.nbytes for c in self.kept.values()) + chunk.nbytes <= KEEP_BYTES:
-            self.kept[len(self.files) - 1] = chunk
+            layer = head.layer
+            _save({"weight": layer.weight} | ({} if layer.bias is None else {"bias": layer.bias}), self.tmp / HEAD_FILE)
+            self.meta["config"] = head.config_dict()
+        self._add("hidden", {"hidden": hidden, "targets": targets.to(torch.int32)}, target_logprob)
 
     def commit(self) -> Baseline:
         seconds = time.perf_counter() - self.started
@@ -201,7 +203,7 @@ class BaselineWriter:
                 "ppl": summary, "seconds": seconds, "tokens_per_s": summary["tokens"] / seconds}
         (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if self.target is None:
-            baseline = Baseline(self.tmp, meta, _kept=self.kept)
+            baseline = Baseline(self.tmp, meta)
             weakref.finalize(baseline, shutil.rmtree, self.tmp, True)
             return baseline
         if self.target.exists():  # an incomplete or stale folder under our key: never valid, replace it
@@ -214,12 +216,12 @@ class BaselineWriter:
             if found is None:
                 raise
             return found
-        return Baseline(self.target, meta, _kept=self.kept)
+        return Baseline(self.target, meta)
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __enter__(self) -> "BaselineWriter":
+    def __enter__(self) -> BaselineWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

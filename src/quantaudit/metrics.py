@@ -98,7 +98,18 @@ class BaselineChunk:
             return self.argmax
         return self.topk_logprobs.argmax(-1) if self.topk_ids is None else self.topk_ids[:, 0].long()
 
-    def to(self, device) -> "BaselineChunk":
+    def rows(self, rows: slice) -> BaselineChunk:
+        """The chunk of tokens ``rows`` (views)."""
+        ids, argmax = (None if t is None else t[rows] for t in (self.topk_ids, self.argmax))
+        return BaselineChunk(self.topk_logprobs[rows], ids, self.target_logprob[rows], argmax)
+
+    @staticmethod
+    def cat(chunks: list[BaselineChunk]) -> BaselineChunk:
+        """Consecutive chunks of top-K log-probs as one."""
+        return BaselineChunk(torch.cat([c.topk_logprobs for c in chunks]), torch.cat([c.topk_ids for c in chunks]),
+                             torch.cat([c.target_logprob for c in chunks]))
+
+    def to(self, device) -> BaselineChunk:
         ids, argmax = (None if t is None else t.to(device) for t in (self.topk_ids, self.argmax))
         return BaselineChunk(self.topk_logprobs.to(device), ids, self.target_logprob.to(device), argmax)
 

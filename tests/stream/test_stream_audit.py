@@ -95,12 +95,15 @@ def test_rtn_needs_no_calibration_stream(stories_dir, calib, eval_windows):
         assert store.folder is None  # everything fitted in the budget: nothing spilled
 
 
-def test_logits_in_blocks_of_rows(stories, stories_dir, calib, eval_windows, monkeypatch):
-    """SmolLM2's 49k vocabulary takes a window's logits in blocks of rows; 37 rows of 512 here, so that block
-    edges fall anywhere, including on a window's unscored last position (window of 23 tokens: one block)."""
+def test_logits_in_chunks_of_tokens(stories, stories_dir, calib, eval_windows, monkeypatch):
+    """Large vocabularies take a window's logits in chunks of tokens (quantaudit.logits); 29 tokens of 512 in the
+    streamed final stage, 37 in the in-memory path, so that chunk edges fall anywhere, including on a window's
+    unscored last position."""
+    import quantaudit.logits
     from quantaudit.stream import audit as stream_module
 
-    monkeypatch.setattr(stream_module, "LOGIT_BLOCK_BYTES", 37 * 512 * 4)
+    monkeypatch.setattr(quantaudit.logits, "LOGIT_CHUNK_BYTES", 37 * 512 * 4)
+    monkeypatch.setattr(stream_module, "LOGIT_BLOCK_BYTES", 29 * 512 * 4)
     specs = {f: _spec(f) for f in ("int8_wo", "int4_awq")}
     result, _ = _streamed(stories_dir, specs, calib, eval_windows, batch_size=4, drift_windows=1)
     baseline = build_baseline(stories, eval_windows, use_cache=False, batch_size=4)

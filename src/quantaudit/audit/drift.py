@@ -8,7 +8,9 @@ decoder layer (the residual stream) and of every linear layer. Per capture point
 
 Both models see the quantized model's own upstream errors (this is the end-to-end drift a user
 ships), unlike per-layer sensitivity, which isolates one layer. One window at a time: memory is
-one window's activations of the base model, independent of the number of windows.
+one window's activations of the base model, independent of the number of windows. The output layer's
+outputs (a point whose module is the model's output layer, ``lm_head``: vocabulary-sized) are compared
+in token chunks (:mod:`quantaudit.logits`) after both forward passes, never held for a whole window.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..data import Windows
+from ..logits import OutputHead, final_hidden
 from ..progress import track
 
 
@@ -53,6 +56,8 @@ def layer_drift(base: torch.nn.Module, quant: torch.nn.Module, windows: Windows,
     """
     device = next(base.parameters()).device
     acc = {name: _DriftAccumulator() for name in points}
+    heads = [OutputHead.of(model) for model in (base, quant)]
+    at_head = [name for name, path in points.items() if base.get_submodule(path) is base.get_output_embeddings()]
     for i in track(range(windows.n), "layer drift", total=windows.n):
         length = int(windows.lengths[i])
         ids = windows.ids[i : i + 1, :length].to(device)
@@ -64,12 +69,19 @@ def layer_drift(base: torch.nn.Module, quant: torch.nn.Module, windows: Windows,
         def compare(name):
             return lambda _m, _a, out: acc[name].add(_output_tensor(out)[0], captured.pop(name))
 
+        final = []
         for model, make_hook in ((base, keep), (quant, compare)):
             modules = dict(model.named_modules())
-            hooks = [modules[path].register_forward_hook(make_hook(name)) for name, path in points.items()]
+            hooks = [modules[path].register_forward_hook(make_hook(name)) for name, path in points.items()
+                     if name not in at_head]
             try:
-                model(input_ids=ids, use_cache=False)
+                final.append(final_hidden(model, ids)[0])
             finally:
                 for h in hooks:
                     h.remove()
+        if at_head:
+            for rows in heads[0].slices(length):
+                base_out, quant_out = (head.layer(hidden[rows]) for head, hidden in zip(heads, final))
+                for name in at_head:
+                    acc[name].add(quant_out, base_out)
     return {name: a.result() for name, a in acc.items()}

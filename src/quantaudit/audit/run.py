@@ -277,6 +277,8 @@ def _audit_in_memory(settings: AuditSettings, inputs: Inputs, out: Path, limits:
     baseline = build_baseline(lm, eval_windows, k=settings.top_k, batch_size=settings.batch_size)
     unquantized = quantize(lm.model, QuantSpec(format="none"), None, progress=False)
     linears = {name: lm.model.get_submodule(name) for name in unquantized.layers}
+    base_bytes = {"weight_bytes": unquantized.weight_bytes(), "kv_bytes_per_token": unquantized.kv_bytes_per_token()}
+    del unquantized  # a copy of the whole model: not kept while the formats are audited
     outliers = activation_outliers(lm.model, {n: m for n, m in linears.items() if n != "lm_head"}, calib)
     base_task_results = [evaluate_task(lm.model, lm.tokenizer, task, bos=settings.bos) for task in tasks]
     key = settings.fingerprint()
@@ -293,8 +295,7 @@ def _audit_in_memory(settings: AuditSettings, inputs: Inputs, out: Path, limits:
              "params": sum(p.numel() for p in lm.model.parameters()),
              "decoder_layers": len(decoder_stack(lm.model)[0]), "linear_layers": len(linears)}
     return Audited(model, eval_windows, calib,
-                   {**baseline.ppl, "weight_bytes": unquantized.weight_bytes(),
-                    "kv_bytes_per_token": unquantized.kv_bytes_per_token()},
+                   {**baseline.ppl, **base_bytes},
                    baseline.top_k, formats, outliers,
                    {r.task: r.summary for r in base_task_results} if tasks else None)
 

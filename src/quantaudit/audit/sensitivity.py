@@ -7,8 +7,14 @@ very module the full quantized model uses (same codes and scales), swapped into 
 Cost: a naive sweep runs the whole model once per layer. Here the baseline runs once per window
 with pre-hooks recording each decoder layer's inputs (hidden states and the keyword arguments the
 model passes: rotary embeddings, masks); a swap then replays only the decoder layers from the
-swapped one onward, then the final norm and the LM head. On average that halves the cost.
+swapped one onward, then the final norm. On average that halves the cost.
 KL(base||swapped) is full-vocabulary, with the metric definition of :mod:`quantaudit.metrics`.
+
+Logits in chunks (:mod:`quantaudit.logits`): per window, each swap's final hidden states are kept (d floats
+a token, as many as the decoder-layer inputs recorded anyway when sweeping decoder layers, one per swap
+when sweeping linears), then the logits are made a chunk of tokens at a time: the baseline's once, each
+swap's against them. Memory does not grow with the vocabulary, and the baseline's logits are made once
+per window, not once per swap.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ from contextlib import contextmanager
 
 import torch
 
-from ..arch import architecture, decoder_layers
+from ..arch import decoder_layers
 from ..data import Windows
+from ..logits import OutputHead, final_hidden
 from ..metrics import summarize_logits, token_statistics
 from ..progress import track
 
@@ -80,8 +87,8 @@ def sensitivity_kld(base: torch.nn.Module, swaps: dict[str, dict[str, torch.nn.M
     ``swaps`` maps a report name (a linear or decoder layer) to the module replacements that
     quantize just that part.
     """
-    layers, norm, lm_head = decoder_stack(base)
-    arch = architecture(base)
+    layers, norm, _ = decoder_stack(base)
+    reference_head = OutputHead.of(base)
     device = next(base.parameters()).device
     totals = {name: 0.0 for name in swaps}
     tokens = 0
@@ -102,21 +109,23 @@ def sensitivity_kld(base: torch.nn.Module, swaps: dict[str, dict[str, torch.nn.M
         hooks.append(norm.register_forward_pre_hook(lambda _m, a: captured_final.append(a[0])))
         captured_final: list[torch.Tensor] = []
         try:
-            base_logits = base(input_ids=ids, use_cache=False).logits[0, :-1]
+            base_hidden = final_hidden(base, ids)[0, :-1]
         finally:
             for h in hooks:
                 h.remove()
-        final_hidden = captured_final[0]
-        reference = summarize_logits(base_logits, targets, k=None)
         tokens += targets.numel()
+        swapped_hidden = {}  # name -> (its head, its final hidden states [T, d])
         for name, replacements in swaps.items():
             next(progress)
-            hidden = _hidden_states(*inputs[starts[name]]) if starts[name] < len(layers) else final_hidden
+            hidden = _hidden_states(*inputs[starts[name]]) if starts[name] < len(layers) else captured_final[0]
             with swapped(base, replacements):
                 for j in range(starts[name], len(layers)):
                     args, kwargs = inputs[j]
                     out = layers[j](hidden, *args[1:], **{k: v for k, v in kwargs.items() if k != "hidden_states"})
                     hidden = out[0] if isinstance(out, tuple) else out
-                logits = arch.final_logits(base.config, lm_head(norm(hidden)))[0, :-1]
-            totals[name] += float(token_statistics(reference, logits, targets)["kld"].double().sum())
+                swapped_hidden[name] = (OutputHead.of(base), norm(hidden)[0, :-1])
+        for rows in reference_head.slices(targets.numel()):
+            reference = summarize_logits(reference_head(base_hidden[rows]), targets[rows])
+            for name, (head, hidden) in swapped_hidden.items():
+                totals[name] += float(token_statistics(reference, head(hidden[rows]), targets[rows])["kld"].double().sum())
     return {name: total / tokens for name, total in totals.items()}

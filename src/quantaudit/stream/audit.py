@@ -9,7 +9,7 @@ states of every window at the current layer boundary are all that crosses from o
 (:mod:`.spill`: in memory up to a budget, on disk beyond):
 
 1. the token embedding turns the evaluation and calibration windows into layer-0 inputs, cut into the
-   batches the in-memory audit uses (``evaluate.iter_logits``; ``calibrate.first_layer_inputs`` with
+   batches the in-memory audit uses (``evaluate.iter_hidden``; ``calibrate.first_layer_inputs`` with
    ``QuantSpec.calib_batch``), then is freed;
 2. per decoder layer (the next one is read meanwhile): the baseline's evaluation states go through it;
    for each format, a copy of it is calibrated and quantized by ``engine.quantize_layer``, the step
@@ -18,8 +18,9 @@ states of every window at the current layer boundary are all that crosses from o
    which then go through the quantized copy; the format's evaluation states go through the copy and
    are compared with the baseline's (layer drift); last, the full-precision calibration states go
    through the float layer, and the layer is dropped;
-3. the final norm and lm_head turn each stream's last states into logits, window by window in blocks
-   of rows, paired with the baseline's in the same :class:`~quantaudit.metrics.PairedAccumulator`.
+3. the final norm and lm_head turn each stream's last states into logits, window by window in token
+   chunks (:mod:`quantaudit.logits`, of ``LOGIT_BLOCK_BYTES``), paired with the baseline's in the same
+   :class:`~quantaudit.metrics.PairedAccumulator`.
 
 Same batches, same modules, same per-layer quantization step: the statistics equal the in-memory
 audit's up to float rounding (tests/stream). Memory holds one layer (plus the next being read and one
@@ -40,15 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..arch import Architecture
 from ..audit.drift import _DriftAccumulator
-from ..baseline import KEEP_BYTES
 from ..data import Windows
 from ..errors import UserError
 from ..evaluate import LOGITS_BUDGET_BYTES, auto_batch_size
+from ..logits import WORKING_BYTES, OutputHead
 from ..memory import available_memory, return_large_frees, trim_heap
 from ..metrics import PairedAccumulator, PerplexityAccumulator, summarize_logits
 from ..models import model_folder
@@ -69,16 +69,18 @@ from .spill import SpillStore
 
 NOT_STREAMED = "not computed in streaming mode"
 # An in-memory audit holds the model, its quantized copy (float weights until replaced, then codes and
-# dequantized weights) and the sensitivity swaps: about three fp32 copies, plus a batch of logits and
-# the baseline log-probs it keeps (evaluate.LOGITS_BUDGET_BYTES, baseline.KEEP_BYTES).
+# dequantized weights) and the sensitivity swaps: about three fp32 copies, plus a batch's activations (sized by
+# evaluate.LOGITS_BUDGET_BYTES) and the chunks of logits its statistics work on (logits.WORKING_BYTES).
 IN_MEMORY_COPIES = 3
-LOGIT_BLOCK_BYTES = 4 * 2**20  # float32 logits of one block of rows (x vocabulary) in the final stage
+# float32 logits of one chunk of tokens in the final stage, smaller than logits.LOGIT_CHUNK_BYTES: the streamed
+# audit is judged by its peak memory (bench/bench_stream.py), at some speed at large vocabularies
+LOGIT_BLOCK_BYTES = 4 * 2**20
 DEFAULT_RAM_SHARE = 4  # boundary states kept in memory up to this fraction of the free memory
 
 
 def in_memory_bytes(fp32_weight_bytes: int) -> int:
     """Estimated peak memory of an in-memory audit of a model with these fp32 weights."""
-    return IN_MEMORY_COPIES * fp32_weight_bytes + LOGITS_BUDGET_BYTES + KEEP_BYTES
+    return IN_MEMORY_COPIES * fp32_weight_bytes + LOGITS_BUDGET_BYTES + WORKING_BYTES
 
 
 def _free_bytes(device: torch.device) -> int | None:
@@ -130,7 +132,7 @@ class _Batches:
 
 def _layer0(front: nn.Module, windows: Windows, size: int, cut: bool) -> tuple[_Batches, list[torch.Tensor]]:
     """Layer-0 inputs of ``windows`` in batches of ``size``, each cut to its longest window when ``cut``
-    (as ``evaluate.iter_logits`` runs them; calibration keeps whole windows, as ``quantize()`` does)."""
+    (as ``evaluate.iter_hidden`` runs them; calibration keeps whole windows, as ``quantize()`` does)."""
     batches, hidden = _Batches(), []
     for start in range(0, windows.n, size):
         part = slice(start, min(start + size, windows.n))
@@ -356,16 +358,12 @@ def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Win
 
 def _final_logits(parts: CheckpointParts, windows: Windows, batches: _Batches, base: _Stream,
                   runs: dict[str, _FormatRun], top_k: int | None, drift_windows: int) -> PerplexityAccumulator:
-    """Final norm and lm_head on every stream, window by window in blocks of rows: the baseline's log-probs
-    (``metrics.summarize_logits``, as ``baseline.Baseline.chunks`` recomputes them) against each format's logits."""
-    norm, weight = parts.final_norm(), parts.lm_head_weight()
-
-    def head(logits: torch.Tensor) -> torch.Tensor:  # the family's logit scaling / soft-capping
-        return parts.arch.final_logits(parts.config, logits)
-
-    vocab = weight.shape[0]
-    k = None if top_k is None or top_k >= vocab else top_k
-    block = max(1, LOGIT_BLOCK_BYTES // (4 * vocab))
+    """Final norm and lm_head on every stream, window by window in token chunks (:mod:`quantaudit.logits`): the
+    baseline's log-probs (``metrics.summarize_logits``, as ``baseline.BaselineWindow`` recomputes them) against
+    each format's logits; lm_head's outputs for the layer drift, as ``audit.drift`` compares them."""
+    norm = parts.final_norm()
+    head = OutputHead.from_weight(parts.lm_head_weight(), None, parts.config)
+    k = None if top_k is None or top_k >= head.vocab else top_k
     base_ppl = PerplexityAccumulator()
     streams = [base.drain(), *(run.eval.drain() for run in runs.values())]
     for part, hidden in zip(batches.parts, zip(*streams)):
@@ -377,20 +375,19 @@ def _final_logits(parts: CheckpointParts, windows: Windows, batches: _Batches, b
             run.eval_seconds += time.perf_counter() - started
         for row, window in enumerate(range(part.start, part.stop)):
             length = int(windows.lengths[window])
-            targets = windows.ids[window, 1:length].to(weight.device)
-            for start in range(0, length, block):
-                stop = min(start + block, length)
-                scored = slice(0, max(0, min(stop, length - 1) - start))  # the window's last position predicts nothing
-                base_logits = head(F.linear(base_last[row, start:stop], weight).float())
-                chunk = summarize_logits(base_logits[scored], targets[start:stop][scored], k)
+            targets = windows.ids[window, 1:length].to(base_last.device)
+            for rows in head.slices(length, LOGIT_BLOCK_BYTES):  # every real position: drift compares the last too
+                scored = slice(rows.start, min(rows.stop, length - 1))  # the window's last position predicts nothing
+                base_raw = head.layer(base_last[row, rows])
+                chunk = summarize_logits(head.transform(base_raw)[: scored.stop - scored.start], targets[scored], k)
                 base_ppl.add_nll(-chunk.target_logprob)
                 for run, last in zip(runs.values(), quant_last):
                     started = time.perf_counter()
-                    logits = head(F.linear(last[row, start:stop], weight).float())
+                    raw = head.layer(last[row, rows])
                     if chunk.tokens:
-                        run.acc.update(chunk, logits[scored], targets[start:stop][scored])
+                        run.acc.update(chunk, head.transform(raw)[: chunk.tokens], targets[scored])
                     if window < drift_windows:
-                        run.drift["lm_head"].add(logits, base_logits)
+                        run.drift["lm_head"].add(raw, base_raw)
                     run.eval_seconds += time.perf_counter() - started
     return base_ppl
 

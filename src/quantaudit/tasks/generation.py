@@ -19,7 +19,8 @@ STOP_TEXT = "\n"
 def greedy_until_newline(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> str:
     """The greedy continuation of ``prompt_ids``, cut before the first newline."""
     device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+    # the prompt's last position only: its other logits (prompt × vocabulary floats) are never needed
+    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
     generated: list[int] = []
     text = ""
     for _ in range(max_new_tokens):

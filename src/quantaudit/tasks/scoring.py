@@ -20,9 +20,10 @@ Batching: every (item, choice) pair is an independent sequence. Sequences are so
 (longest first, like lm-eval), right-padded and scored a batch at a time with one forward each.
 Under causal attention right padding cannot change the real positions and padded positions are
 never scored, so no attention mask is needed and the scores equal one-at-a-time scoring up to float
-rounding. ``batch_size=None`` (default) fills each batch while its logits stay under the same
+rounding. ``batch_size=None`` (default) fills each batch while its logits would stay under the same
 budget as the perplexity loops (:data:`quantaudit.evaluate.LOGITS_BUDGET_BYTES`): few rows for the
-long first sequences, many for the short rest; an integer fixes the rows per forward.
+long first sequences, many for the short rest; an integer fixes the rows per forward. Logits are only
+made for the continuation tokens, from the final hidden states, in token chunks (:mod:`quantaudit.logits`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from ..data import resolve_bos
 from ..errors import UserError
 from ..evaluate import LOGITS_BUDGET_BYTES, MAX_AUTO_BATCH
+from ..logits import OutputHead, final_hidden
 from ..progress import track
 from .generation import greedy_until_newline
 from .readers import GENERATION, MULTIPLE_CHOICE, Task
@@ -123,7 +125,8 @@ def score_sequences(model, seqs: list[list[int]], cont_lens: list[int], batch_si
                     description: str = "scoring") -> torch.Tensor:
     """Summed log-prob of the last ``cont_lens[i]`` tokens of each sequence given the ones before (float64)."""
     device = next(model.parameters()).device
-    batches = plan_batches(seqs, batch_size, model.config.vocab_size)
+    head = OutputHead.of(model)
+    batches = plan_batches(seqs, batch_size, head.vocab)
     totals = torch.zeros(len(seqs), dtype=torch.float64)
     for batch in track(batches, description, total=len(batches)):
         lengths = torch.tensor([len(seqs[i]) for i in batch])
@@ -132,14 +135,15 @@ def score_sequences(model, seqs: list[list[int]], cont_lens: list[int], batch_si
         ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long)
         for row, i in enumerate(batch):
             ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-        logits = model(input_ids=ids[:, :-1].to(device), use_cache=False).logits
+        hidden = final_hidden(model, ids[:, :-1].to(device))
         # Input position t predicts token t+1; a continuation of c tokens ends a sequence of length L,
         # so its predictions sit at positions L-1-c .. L-2.
         positions = torch.arange(ids.shape[1] - 1)
         scored = (positions >= (lengths - 1 - conts)[:, None]) & (positions < (lengths - 1)[:, None])
         rows, cols = scored.nonzero(as_tuple=True)
-        picked = logits[rows.to(device), cols.to(device)].float().log_softmax(-1)
-        token_lp = picked.gather(1, ids[rows, cols + 1].to(device)[:, None]).squeeze(1).double().cpu()
+        picked, targets = hidden[rows.to(device), cols.to(device)], ids[rows, cols + 1].to(device)
+        token_lp = torch.cat([logits.log_softmax(-1).gather(1, targets[part, None]).squeeze(1)
+                              for part, logits in head.chunks(picked)]).double().cpu()
         totals[torch.tensor(batch)] = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows, token_lp)
     return totals
 
