@@ -210,9 +210,10 @@ def _watched(batches: _Batches, drift_windows: int) -> list[torch.Tensor | None]
     return watch
 
 
-def _drift_points(arch: Architecture, index: int) -> dict[str, str]:
+def _drift_points(arch: Architecture, index: int, layer: nn.Module) -> dict[str, str]:
     """Where layer drift is measured in decoder layer ``index``, named as ``audit.run`` reports it."""
-    return {f"decoder.{index}": "", **{f"model.layers.{index}.{p}": p for g in arch.groups for p in g.linears}}
+    paths = (arch.drift_point(p) for g in arch.layer_groups(layer) for p in g.linears)
+    return {f"decoder.{index}": "", **{f"model.layers.{index}.{p}": p for p in paths}}
 
 
 def _kv_quantizer(layer: nn.Module, plan: LayerPlan, spec: QuantSpec) -> KVQuantizer | None:
@@ -334,7 +335,7 @@ def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Win
         steps = track(layers, "streaming decoder layers", total=parts.n_layers) if progress else layers
         for index, layer in steps:
             more = index + 1 < parts.n_layers
-            points = _drift_points(parts.arch, index) if watch else None
+            points = _drift_points(parts.arch, index, layer) if watch else None
             reference = base.advance(layer, index, points, watch)
             for run in runs.values():
                 run.step(index, layer, shared, more, total_tokens, points, watch, reference)
