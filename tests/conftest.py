@@ -53,6 +53,15 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def smollm2_piqa200(smollm2, shared_dir):
+    """PIQA's first 200 items and SmolLM2's result on them by quantaudit's own scorer (tests/test_tasks.py,
+    tests/test_lm_eval.py)."""
+    from quantaudit.tasks import evaluate_task, load_task
+
+    task = load_task("piqa", shared_dir / "data", limit=200)
+    return task, evaluate_task(smollm2.model, smollm2.tokenizer, task)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, shared_dir):

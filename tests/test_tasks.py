@@ -323,12 +323,6 @@ def test_bootstrap_equals_index_resampling_in_distribution():
 # ---------------------------------------------------------------- SmolLM2 (slow)
 
 
-@pytest.fixture(scope="module")
-def smollm2_piqa200(smollm2, data_dir):
-    task = load_task("piqa", data_dir, limit=200)
-    return task, evaluate_task(smollm2.model, smollm2.tokenizer, task)
-
-
 @pytest.mark.slow
 def test_smollm2_piqa_200_accuracy(smollm2_piqa200):
     _, result = smollm2_piqa200

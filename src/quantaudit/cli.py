@@ -55,13 +55,39 @@ def _add_window_args(p: argparse.ArgumentParser, data_flag: str = "--data") -> N
 def _add_task_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task accuracy (lm-evaluation-harness style)")
     g.add_argument("--tasks", default="", metavar="LIST",
-                   help="comma-separated: piqa, hellaswag, or .jsonl files ({context, choices, answer} for "
-                        "multiple choice, {prompt, answer} for exact-match generation)")
+                   help="comma-separated: piqa, hellaswag, .jsonl files ({context, choices, answer} for "
+                        "multiple choice, {prompt, answer} for exact-match generation), or lm_eval:NAME, an "
+                        "lm-evaluation-harness task, group or tag (pip install 'quantaudit[lm-eval]')")
     g.add_argument("--task-data", default=None, metavar="DIR",
                    help="folder with piqa_valid.jsonl, piqa_valid_labels.lst, hellaswag_val.txt.bz2")
-    g.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task (or sampled, with --seed)")
+    g.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                   help="folder of your own lm-eval task YAMLs (lm-eval's include_path), for lm_eval:NAME")
+    g.add_argument("--limit", type=_limit, default=None, metavar="N",
+                   help="first N items of each task (or sampled, with --seed), or a fraction below 1 of them, as lm-eval's")
     g.add_argument("--seed", type=int, default=None, help="sample --limit items at random with this seed instead of the first N")
     g.add_argument("--strict", action="store_true", help="refuse a task file with bad items instead of skipping them")
+
+
+def _limit(text: str) -> int | float:
+    """``--limit``: a number, an integer count unless it is a fraction (the range is checked with the tasks)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def _lm_eval_dir(json_out: str | None):
+    """Where ``eval``/``compare`` put lm-eval's own results: a folder beside ``--json`` (none without it)."""
+    from pathlib import Path
+
+    from .tasks import LM_EVAL_RESULTS
+
+    return Path(json_out).parent / LM_EVAL_RESULTS if json_out else None
 
 
 def _split(text: str) -> list[str]:
@@ -71,12 +97,11 @@ def _split(text: str) -> list[str]:
 def _load_tasks(args):
     """The flags ``eval`` and ``compare`` share checked, then their tasks read."""
     from .audit.settings import at_least, check_text_flags
-    from .tasks import load_task
+    from .tasks import load_tasks
 
     check_text_flags(args)
-    at_least("--limit", args.limit, 1)
     at_least("--seed", args.seed, 0)
-    return [load_task(name, args.task_data, args.limit, args.strict, args.seed) for name in _split(args.tasks)]
+    return load_tasks(_split(args.tasks), args.task_data, args.limit, args.strict, args.seed, args.lm_eval_include)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,7 +265,7 @@ def cmd_audit(args) -> int:
 
     settings = AuditSettings(
         model=args.model, formats=_split(args.formats), tasks=_split(args.tasks), task_data=args.task_data,
-        task_limit=args.limit, task_seed=args.seed, task_strict=args.strict,
+        task_limit=args.limit, task_seed=args.seed, task_strict=args.strict, lm_eval_include=args.lm_eval_include,
         kv_cache=args.kv_cache, kv_scales=args.kv_scales, calib=args.calib, calib_size=args.calib_size, calib_seq=args.calib_seq,
         eval=args.eval, windows=args.windows, seq_len=args.seq_len, bos=args.bos, group_size=args.group_size,
         exclude=_split(args.exclude), include_lm_head=args.include_lm_head,
@@ -268,18 +293,20 @@ def cmd_eval(args) -> int:
     from .models import load_model
     from .report.terminal import perplexity_table, task_table
     from .stream.source import check_model_files
-    from .tasks import evaluate_task
+    from .tasks import check_tasks_bos, evaluate_tasks
 
     tasks = _load_tasks(args)
     check_model_files(args.model)
     lm = load_model(args.model, device=args.device)
+    check_tasks_bos(tasks, lm.tokenizer, args.bos)
     result: dict = {"model": lm.name}
     if args.data or not tasks:
         windows = load_windows(args.data, lm.tokenizer, args.seq_len, args.windows, args.bos)
         result.update({"eval": windows.describe(), **evaluate_perplexity(lm.model, windows, args.batch_size)})
         console.print(perplexity_table(result))
     if tasks:
-        result["tasks"] = {t.name: evaluate_task(lm.model, lm.tokenizer, t, bos=args.bos).summary for t in tasks}
+        results = evaluate_tasks(lm.model, lm.tokenizer, tasks, args.bos, _lm_eval_dir(args.json), "model")
+        result["tasks"] = {r.task: r.summary for r in results}
         console.print(task_table(result["tasks"]))
     if args.json:
         atomic_write_json(args.json, result)
@@ -294,7 +321,7 @@ def cmd_compare(args) -> int:
     from .fidelity import compare_generations, continuations, prompt_set
     from .report.terminal import generation_table, paired_table, task_comparison_table
     from .stream.source import check_model_files
-    from .tasks import compare_task_results, evaluate_task
+    from .tasks import check_tasks_bos, compare_task_results, evaluate_tasks
 
     tasks = _load_tasks(args)
     at_least("--max-new-tokens", args.max_new_tokens, 1)
@@ -303,16 +330,15 @@ def cmd_compare(args) -> int:
     base = load_model(args.base, device=args.device)
     cand = load_model(args.candidate, device=args.device)
     check_same_tokenizer(base, cand)
+    check_tasks_bos(tasks, base.tokenizer, args.bos)
     windows = load_windows(args.data, base.tokenizer, args.seq_len, args.windows, args.bos)
     stats = compare_models(base.model, cand.model, windows, batch_size=args.batch_size)
     result = {"base": base.name, "candidate": cand.name, "eval": windows.describe(), "stats": stats}
     console.print(paired_table(stats, title=f"{cand.name} vs {base.name}"))
     if tasks:
-        result["tasks"] = [
-            compare_task_results(evaluate_task(base.model, base.tokenizer, t, bos=args.bos),
-                                 evaluate_task(cand.model, cand.tokenizer, t, bos=args.bos))
-            for t in tasks
-        ]
+        results = [evaluate_tasks(m.model, m.tokenizer, tasks, args.bos, _lm_eval_dir(args.json), label)
+                   for m, label in ((base, "base"), (cand, "candidate"))]
+        result["tasks"] = [compare_task_results(b, c) for b, c in zip(*results)]
         console.print(task_comparison_table(result["tasks"]))
     if args.generate:
         prompts = prompt_set(args.generate, base.tokenizer, args.chat_template, args.max_new_tokens)

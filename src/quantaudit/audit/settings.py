@@ -53,11 +53,12 @@ class AuditSettings:
     streaming: str = "auto"
     stream_ram_mb: int | None = None  # boundary hidden states kept in memory up to this, then on disk (None: 1/4 of free)
     gpu: str | None = None  # add the advisor's memory/speed section for this GPU
-    tasks: list[str] = field(default_factory=list)  # piqa, hellaswag, or .jsonl paths
+    tasks: list[str] = field(default_factory=list)  # piqa, hellaswag, .jsonl paths, or lm_eval:NAME (quantaudit.tasks)
     task_data: str | None = None
-    task_limit: int | None = None
+    task_limit: int | float | None = None  # items per task: a count, or a fraction in (0, 1) as lm-eval's --limit
     task_seed: int | None = None
     task_strict: bool = False
+    lm_eval_include: str | None = None  # lm-eval's include_path: a folder of the user's task YAMLs
     generate: str | None = None  # "default" (embedded prompts) or a prompts JSONL (quantaudit.fidelity)
     max_new_tokens: int = 128
     chat_template: str = "auto"  # auto: on when the tokenizer has one
@@ -111,12 +112,15 @@ CHAT_TEMPLATE_MODES = ("auto", "on", "off")
 
 def validate(settings: AuditSettings) -> list[Limit]:
     """Check every flag (formats, ranges, budget, GPU name, device) before anything is read or written."""
+    from ..tasks.readers import check_limit
+
     check_text_flags(settings)
     for flag, value, low in (("--top-k", settings.top_k, 1), ("--drift-windows", settings.drift_windows, 0),
                              ("--sensitivity-windows", settings.sensitivity_windows, 1),
-                             ("--stream-ram", settings.stream_ram_mb, 0), ("--limit", settings.task_limit, 1),
+                             ("--stream-ram", settings.stream_ram_mb, 0),
                              ("--seed", settings.task_seed, 0), ("--max-new-tokens", settings.max_new_tokens, 1)):
         at_least(flag, value, low)
+    check_limit(settings.task_limit)
     if settings.gpu:
         from ..advise.hardware import load_hardware
 

@@ -46,7 +46,9 @@ def compare_task_results(base: TaskResult, cand: TaskResult, metric: str = "acc"
     """Accuracy change of ``cand`` against ``base`` on the same items, for ``metric`` "acc" or "acc_norm".
 
     ``acc_base``/``acc_quant`` are the values of ``metric``; ``recovery`` = acc_quant / acc_base (None
-    when the baseline scores 0); ``acc_drop`` = acc_base - acc_quant. Flips are counted per item.
+    when the baseline scores 0); ``acc_drop`` = acc_base - acc_quant. Flips are counted per item. For an
+    lm-eval task, ``metric`` names the lm-eval key paired (e.g. ``"exact_match,strict-match"``) and
+    ``lm_eval`` holds both models' results entries.
     """
     if (base.fingerprint, base.lines) != (cand.fingerprint, cand.lines):
         raise ValueError(f"results of {base.task} and {cand.task} are over different items: cannot pair them")
@@ -61,7 +63,7 @@ def compare_task_results(base: TaskResult, cand: TaskResult, metric: str = "acc"
     wrong_to_right = sum(c and not b for b, c in zip(b_ok, c_ok))
     acc_base, acc_quant = sum(b_ok) / n, sum(c_ok) / n
     lo, hi = paired_bootstrap_ci(right_to_wrong, wrong_to_right, n, resamples, seed)
-    return {
+    comparison = {
         "task": base.task,
         "metric": metric,
         "n": n,
@@ -75,6 +77,10 @@ def compare_task_results(base: TaskResult, cand: TaskResult, metric: str = "acc"
         "acc_diff_ci95": [lo, hi],
         "bootstrap": {"resamples": resamples, "seed": seed},
     }
+    if "lm_eval" in base.summary:  # an lm-eval task (.harness): the key paired, and every metric as lm-eval has it
+        comparison["metric"] = base.summary["metric"]
+        comparison["lm_eval"] = {"base": base.summary["lm_eval"], "quant": cand.summary["lm_eval"]}
+    return comparison
 
 
 def tasks_summary(comparisons: list[dict]) -> dict:

@@ -25,8 +25,9 @@ Prompts follow lm-evaluation-harness (zero-shot):
 Bad items (fewer than two choices, an answer index out of range, an empty context, choice or
 prompt, a record that is not valid JSON or has wrong field types) are listed with their line number
 and skipped with one warning line, or refused with ``strict=True``; they are never scored.
-``limit`` keeps the first N valid items, as lm-eval's ``--limit`` does; with ``seed`` it draws N
-items at random instead (seeded, kept in file order), and the choice is recorded in ``meta``.
+``limit`` keeps the first N valid items, as lm-eval's ``--limit`` does (a fraction below 1 keeps
+``ceil(fraction * valid items)``, as lm-eval's does); with ``seed`` it draws N items at random instead
+(seeded, kept in file order), and the choice is recorded in ``meta``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import bz2
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -245,7 +247,20 @@ def _bad_items_line(name: str, bad: list[tuple[int, str]]) -> str:
     return f"{name}: {len(bad)} bad item(s): {listed}{more}"
 
 
-def _select(items: list[Item], limit: int | None, seed: int | None) -> list[Item]:
+def check_limit(limit: float | None) -> None:
+    """lm-eval's ``--limit``: a count of at least 1, or a fraction in (0, 1) of each task's items."""
+    if limit is not None and not (isinstance(limit, int) and limit >= 1 or isinstance(limit, float) and 0 < limit < 1):
+        raise UserError(f"--limit must be at least 1 (items per task) or a fraction between 0 and 1 (got {limit})")
+
+
+def _item_count(limit: float, n: int) -> int:
+    """How many of ``n`` items ``limit`` keeps (lm-eval's ``get_sample_size``)."""
+    return math.ceil(n * limit) if isinstance(limit, float) else limit
+
+
+def _select(items: list[Item], limit: float | None, seed: int | None) -> list[Item]:
+    if limit is not None:
+        limit = _item_count(limit, len(items))
     if limit is None or limit >= len(items):
         return items
     if seed is None:
@@ -254,11 +269,10 @@ def _select(items: list[Item], limit: int | None, seed: int | None) -> list[Item
     return [items[i] for i in keep]
 
 
-def load_task(name: str, task_data: str | Path | None = None, limit: int | None = None,
+def load_task(name: str, task_data: str | Path | None = None, limit: float | None = None,
               strict: bool = False, seed: int | None = None) -> Task:
     """Read a task by name ("piqa", "hellaswag") or path to a ``.jsonl`` file; see the module docstring."""
-    if limit is not None and limit < 1:
-        raise UserError(f"the task item limit must be at least 1 (got {limit})")
+    check_limit(limit)
     if name in BUILTIN_TASKS:
         data_dir = Path(task_data) if task_data is not None else default_task_data()
         source, items, bad = BUILTIN_TASKS[name](data_dir)
@@ -268,7 +282,8 @@ def load_task(name: str, task_data: str | Path | None = None, limit: int | None 
         source = name
     else:
         known = ", ".join(BUILTIN_TASKS)
-        raise UserError(f"unknown task {name!r}: use {known}, or a path to a .jsonl task file")
+        raise UserError(f"unknown task {name!r}: use {known}, a path to a .jsonl task file, or lm_eval:NAME "
+                        "for an lm-evaluation-harness task")
     if bad:
         message = _bad_items_line(name, bad)
         if strict:
@@ -277,6 +292,6 @@ def load_task(name: str, task_data: str | Path | None = None, limit: int | None 
     if not items:
         raise UserError(f"task {name} has no valid items to score ({source})")
     selected = _select(items, limit, seed)
-    meta = {"limit": limit, "sample_seed": seed if limit is not None and limit < len(items) else None,
+    meta = {"limit": limit, "sample_seed": seed if len(selected) < len(items) else None,
             "valid_items": len(items)}
     return Task(name=name, kind=kind, items=selected, source=source, skipped=bad, meta=meta)
