@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..arch import decoder_layers
+from ..arch import architecture, decoder_layers
 from ..data import Windows, load_windows
 from ..errors import EXIT_BUDGET_FAILED, EXIT_OK, UserError
 from ..evaluate import build_baseline, compare_to_baseline
+from ..fidelity import PromptSet, compare_generations, continuations, prompt_set
 from ..fileio import atomic_write_json, atomic_write_text, check_out_dir, output_dir
 from ..models import LoadedModel, load_model, load_tokenizer
 from ..progress import console
@@ -44,7 +45,14 @@ from ..quant import GPTQOptions, QuantSpec, quantize
 from ..quant.formats import get_format
 from ..quant.plan import check_fused_plan, load_plan
 from ..stream.source import CheckpointParts, check_model_files
-from ..tasks import compare_task_results, evaluate_task, load_task, tasks_summary
+from ..tasks import (
+    LM_EVAL_RESULTS,
+    check_tasks_bos,
+    compare_task_results,
+    evaluate_tasks,
+    load_tasks,
+    tasks_summary,
+)
 from .budget import Limit, check_budget
 from .drift import layer_drift
 from .outliers import activation_outliers
@@ -53,14 +61,15 @@ from .settings import AuditSettings, validate
 
 SENSITIVITY_TOP = 10
 REPORT_FILES = ("report.json", "report.md", "report.html")
-OUTPUTS = (*REPORT_FILES, "formats")
+OUTPUTS = (*REPORT_FILES, "formats", LM_EVAL_RESULTS)
 RESUME_HINT = " or --resume to continue the run in it"
 
 
 def _drift_points(model: torch.nn.Module, linear_names: list[str]) -> dict[str, str]:
     layers, _, _ = decoder_stack(model)
     points = {f"decoder.{i}": f"model.layers.{i}" for i in range(len(layers))}
-    points.update({name: name for name in linear_names})
+    arch = architecture(model)
+    points.update({arch.drift_point(name): arch.drift_point(name) for name in linear_names})
     return points
 
 
@@ -98,7 +107,7 @@ def candidates(settings: AuditSettings, model: torch.nn.Module) -> list[Candidat
     """The uniform ``--formats``, then the ``--plan`` (TensorRT-LLM ``MIXED_PRECISION``) if given."""
     common = {"kv_cache": settings.kv_cache, "kv_scales": settings.kv_scales, "group_size": settings.group_size,
               "exclude": tuple(settings.exclude), "include_lm_head": settings.include_lm_head,
-              "smoothquant_alpha": settings.smoothquant_alpha, "gptq": GPTQOptions(act_order=settings.act_order)}
+              "smoothquant_alpha": settings.smoothquant_alpha, "gptq": GPTQOptions(act_order=settings.act_order, scale_search=settings.gptq_scale)}
     out = [Candidate(name, QuantSpec(format=name, **common), get_format(name).description,
                      get_format(name).trtllm_quant_algo) for name in settings.formats]
     if settings.plan:
@@ -156,8 +165,9 @@ def format_entry(candidate: Candidate, settings: AuditSettings, qm, stats: dict,
 
 def audit_format(candidate: Candidate, lm: LoadedModel, calib: Windows, eval_windows: Windows, baseline,
                  settings: AuditSettings, limits: list[Limit], tasks: list | None = None,
-                 base_task_results: list | None = None) -> dict:
-    """Everything the report says about one candidate."""
+                 base_task_results: list | None = None, prompts: PromptSet | None = None,
+                 base_generations=None, lm_eval_dir: Path | None = None) -> dict:
+    """Everything the report says about one candidate (lm-eval's own results go to ``lm_eval_dir``)."""
     name, spec = candidate.name, candidate.spec
     started = time.perf_counter()
     qm = quantize(lm.model, spec, calib)
@@ -175,10 +185,14 @@ def audit_format(candidate: Candidate, lm: LoadedModel, calib: Windows, eval_win
                                       description=f"sensitivity {name}")
     entry = format_entry(candidate, settings, qm, stats, quantize_seconds, drift, sensitivity)
     if tasks:
-        comparisons = [compare_task_results(base, evaluate_task(qm.model, lm.tokenizer, task, bos=settings.bos))
-                       for task, base in zip(tasks, base_task_results)]
+        results = evaluate_tasks(qm.model, lm.tokenizer, tasks, settings.bos, lm_eval_dir, name)
+        comparisons = [compare_task_results(base, cand) for base, cand in zip(base_task_results, results)]
         entry["tasks"] = comparisons
         entry["tasks_summary"] = tasks_summary(comparisons)
+    if prompts is not None:
+        generated = continuations(qm.model, lm.tokenizer, prompts.prompts, prompts.ids, prompts.max_new_tokens,
+                                  f"generating ({name})")
+        entry["generation"] = compare_generations(base_generations, generated, prompts.prompts, prompts.max_new_tokens)
     entry["failed"] = check_budget(entry, limits)
     entry["passed"] = not entry["failed"]
     del qm
@@ -252,13 +266,14 @@ class Inputs:
     calib: Windows
     tasks: list
     candidates: list[Candidate]
+    prompts: PromptSet | None = None  # --generate
 
 
 def check_inputs(settings: AuditSettings, streamed: bool) -> Inputs:
     """Read and check every input the flags name (tasks, model, texts, plan): a bad one fails here, before
     anything is written, and what was read is what the audit then uses."""
-    tasks = [load_task(t, settings.task_data, settings.task_limit, settings.task_strict, settings.task_seed)
-             for t in settings.tasks]
+    tasks = load_tasks(settings.tasks, settings.task_data, settings.task_limit, settings.task_strict, settings.task_seed,
+                       settings.lm_eval_include)
     folder = check_model_files(settings.model)
     if streamed:
         lm, parts = None, CheckpointParts(folder, settings.device)
@@ -267,9 +282,16 @@ def check_inputs(settings: AuditSettings, streamed: bool) -> Inputs:
         lm, parts = load_model(settings.model, device=settings.device), None
         tokenizer, model = lm.tokenizer, lm.model
     decoder_layers(model)
+    check_tasks_bos(tasks, tokenizer, settings.bos)
     eval_windows = load_windows(settings.eval, tokenizer, settings.seq_len, settings.windows, settings.bos)
     calib = load_windows(settings.calib, tokenizer, settings.calib_seq, settings.calib_size, settings.bos, role="calib")
-    return Inputs(lm, parts, eval_windows, calib, tasks, candidates(settings, model))
+    prompts = None
+    if settings.generate:
+        if streamed:
+            raise UserError("--generate needs the whole model in memory, but this model is audited layer by layer "
+                            "(--streaming auto found too little memory); drop --generate or free memory")
+        prompts = prompt_set(settings.generate, tokenizer, settings.chat_template, settings.max_new_tokens)
+    return Inputs(lm, parts, eval_windows, calib, tasks, candidates(settings, model), prompts)
 
 
 def _audit_in_memory(settings: AuditSettings, inputs: Inputs, out: Path, limits: list[Limit], resume: bool) -> Audited:
@@ -279,15 +301,20 @@ def _audit_in_memory(settings: AuditSettings, inputs: Inputs, out: Path, limits:
     linears = {name: lm.model.get_submodule(name) for name in unquantized.layers}
     base_bytes = {"weight_bytes": unquantized.weight_bytes(), "kv_bytes_per_token": unquantized.kv_bytes_per_token()}
     del unquantized  # a copy of the whole model: not kept while the formats are audited
+    linears = {name: m for name, m in linears.items() if isinstance(m, torch.nn.Linear)}  # not MoE routers
     outliers = activation_outliers(lm.model, {n: m for n, m in linears.items() if n != "lm_head"}, calib)
-    base_task_results = [evaluate_task(lm.model, lm.tokenizer, task, bos=settings.bos) for task in tasks]
+    base_task_results = evaluate_tasks(lm.model, lm.tokenizer, tasks, settings.bos, out / LM_EVAL_RESULTS, "baseline")
+    prompts = inputs.prompts
+    base_generations = continuations(lm.model, lm.tokenizer, prompts.prompts, prompts.ids, prompts.max_new_tokens,
+                                     "generating (baseline)") if prompts else None
     key = settings.fingerprint()
     formats = []
     for candidate in inputs.candidates:
         entry = saved_entry(out, candidate, key) if resume else None
         if entry is None:
             console.print(f"[bold]{candidate.name}[/bold]: {candidate.description}")
-            entry = audit_format(candidate, lm, calib, eval_windows, baseline, settings, limits, tasks, base_task_results)
+            entry = audit_format(candidate, lm, calib, eval_windows, baseline, settings, limits, tasks, base_task_results,
+                                 prompts, base_generations, out / LM_EVAL_RESULTS)
             save_entry(out, entry, key)
         formats.append(entry)
     model = {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint,
