@@ -25,6 +25,7 @@ demo: install
 	$(BIN)/quantaudit audit --out audit-out --force
 
 test: install
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
 test-fast: install

@@ -38,9 +38,9 @@ def main() -> int:
         print(f"../shared not found at {SHARED}: the WikiText-2 files live there", file=sys.stderr)
         return 2
 
+    from quantaudit.progress import console
     from quantaudit.tune import AutotuneSettings, autotune
     from quantaudit.tune.command import curve_table, summary_line
-    from quantaudit.progress import console
 
     settings = AutotuneSettings(
         model=args.model, formats=args.formats.split(","), fallback=args.fallback.split(","), budget=args.budget,

@@ -17,7 +17,6 @@ ordering imposed among them: their KLDs are whatever this protocol measures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time

@@ -9,8 +9,18 @@ import math
 import pytest
 import torch
 
-from quantaudit.calibcheck import (CalibCheckSettings, _CalibRange, calib_check, calibration_ranges, js_divergence,
-                                   kld_check, range_coverage, rank, sample_adequacy, token_coverage)
+from quantaudit.calibcheck import (
+    CalibCheckSettings,
+    _CalibRange,
+    calib_check,
+    calibration_ranges,
+    js_divergence,
+    kld_check,
+    range_coverage,
+    rank,
+    sample_adequacy,
+    token_coverage,
+)
 from quantaudit.data import Windows
 from quantaudit.errors import UserError
 

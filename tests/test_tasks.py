@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from quantaudit.errors import UserError
+from quantaudit.evaluate import LOGITS_BUDGET_BYTES, MAX_AUTO_BATCH
 from quantaudit.tasks import (
     DEFAULT_TASK_BUDGET,
     GENERATION,
@@ -26,7 +27,6 @@ from quantaudit.tasks import (
     paired_bootstrap_ci,
     tasks_summary,
 )
-from quantaudit.evaluate import LOGITS_BUDGET_BYTES, MAX_AUTO_BATCH
 from quantaudit.tasks.scoring import encode_pair, plan_batches
 
 

@@ -39,9 +39,13 @@ import argparse
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import EXIT_BUDGET_FAILED, EXIT_OK, UserError
 from .progress import console
+
+if TYPE_CHECKING:  # torch is imported when a command runs, not with the CLI
+    import torch
 
 CLIP_REASON_SHARE = 1e-3  # an input with more than 0.1 % of its eval values clipped is named
 MATERIAL_CLIP_SHARE = 1e-5  # below 1 clipped value in 100,000 the clip shares cannot rank two sets

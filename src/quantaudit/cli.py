@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_arguments(p, out_default="audit-out")
     p.set_defaults(func=cmd_audit)
 
-    from .advise import DESCRIPTION as ADVISE_DESCRIPTION, HELP as ADVISE_HELP, add_advise_arguments, run_advise
+    from .advise import DESCRIPTION as ADVISE_DESCRIPTION
+    from .advise import HELP as ADVISE_HELP
+    from .advise import add_advise_arguments, run_advise
 
     p = sub.add_parser("advise", help=ADVISE_HELP, description=ADVISE_DESCRIPTION)
     add_advise_arguments(p)
@@ -314,11 +316,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from .audit.settings import at_least
     from .data import load_windows
     from .evaluate import compare_models
-    from .models import check_same_tokenizer, load_model
-    from .audit.settings import at_least
     from .fidelity import compare_generations, continuations, prompt_set
+    from .models import check_same_tokenizer, load_model
     from .report.terminal import generation_table, paired_table, task_comparison_table
     from .stream.source import check_model_files
     from .tasks import check_tasks_bos, compare_task_results, evaluate_tasks

@@ -8,8 +8,8 @@ import pytest
 
 from quantaudit.advise import Workload, advise
 from quantaudit.advise.hardware import load_hardware
-from quantaudit.advise.planner import kv_bytes_per_token, linear_weight_bytes
 from quantaudit.advise.model_shape import reference_shape
+from quantaudit.advise.planner import kv_bytes_per_token, linear_weight_bytes
 from quantaudit.quant.formats import FORMATS
 
 BLACKWELL = {"b200", "rtx-5090"}

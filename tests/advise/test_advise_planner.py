@@ -9,8 +9,14 @@ import pytest
 
 from quantaudit.advise.hardware import load_hardware
 from quantaudit.advise.model_shape import ModelShape, reference_shape, shape_from_params
-from quantaudit.advise.planner import PlannerSettings, activation_bytes, kv_bytes_per_token, max_layers_that_fit, \
-    plan_memory, weight_bytes
+from quantaudit.advise.planner import (
+    PlannerSettings,
+    activation_bytes,
+    kv_bytes_per_token,
+    max_layers_that_fit,
+    plan_memory,
+    weight_bytes,
+)
 from quantaudit.quant.formats import FORMATS
 
 STORIES_HF = Path(__file__).resolve().parents[2] / ".." / "shared" / "models" / "stories260K" / "hf"

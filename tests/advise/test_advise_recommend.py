@@ -11,8 +11,8 @@ from quantaudit.advise import PlannerSettings, Workload, advise
 from quantaudit.advise.hardware import load_hardware
 from quantaudit.advise.model_shape import reference_shape, shape_from_params
 from quantaudit.advise.planner import plan_memory, weight_bytes
-from quantaudit.advise.roofline import estimate_speed
 from quantaudit.advise.recommend import RULES
+from quantaudit.advise.roofline import estimate_speed
 from quantaudit.errors import UserError
 from quantaudit.quant.formats import FORMATS, KV_CACHE_FORMATS
 

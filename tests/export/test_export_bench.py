@@ -17,8 +17,8 @@ import pytest
 from export_helpers import parse
 
 from quantaudit.errors import UserError
-from quantaudit.export import run_export
 from quantaudit.export import build as build_module
+from quantaudit.export import run_export
 from quantaudit.export.build import BENCH_FIGURES, BENCH_REPORT, EXPORT_RECORD, read_bench_report, record_bench
 
 PERFORMANCE = {

@@ -9,7 +9,7 @@ from quantaudit.quant.algorithms import ALGORITHMS, GroupJob
 from quantaudit.quant.calibrate import InputStats
 from quantaudit.quant.engine import QuantSpec
 from quantaudit.quant.formats import get_format
-from quantaudit.quant.gptq import HessianAccumulator, group_scales, gptq_quantize
+from quantaudit.quant.gptq import HessianAccumulator, gptq_quantize, group_scales
 from quantaudit.quant.numerics import MIN_SCALE, grouped, int_codes, int_scale
 
 

@@ -115,9 +115,9 @@ def model_size(top: Candidate, candidates: list[Candidate], ctx: Context) -> dic
             f"this workload"
             + (f", at {compact.name} up to {at_compact / 1e9:.2f}B" if compact is not top else "")
             + ": for a fixed memory budget a larger model "
-            f"at 4 bit usually beats a smaller one at 8 or 16 bit (Dettmers & Zettlemoyer 2023, 'The case for 4-bit "
-            f"precision'); when post-training 4-bit loses too much, quantization-aware training or distillation "
-            f"(ModelOpt QAT/QAD) recovers it at training cost"
+            "at 4 bit usually beats a smaller one at 8 or 16 bit (Dettmers & Zettlemoyer 2023, 'The case for 4-bit "
+            "precision'); when post-training 4-bit loses too much, quantization-aware training or distillation "
+            "(ModelOpt QAT/QAD) recovers it at training cost"
             + (f"; {measured}" if measured else "")
         ),
     }

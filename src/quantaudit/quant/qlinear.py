@@ -27,9 +27,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import ActQuant, QuantFormat, WeightQuant
-from .numerics import (GRID_MAX, block_amax, block_scale_values, block_scales, calibrated_scale, code_values,
-                       expand_blocks, fake_block_quant, fake_quant, global_scale, grouped, nonzero, quant_codes,
-                       quant_scale)
+from .numerics import (
+    GRID_MAX,
+    block_amax,
+    block_scale_values,
+    block_scales,
+    calibrated_scale,
+    code_values,
+    expand_blocks,
+    fake_block_quant,
+    fake_quant,
+    global_scale,
+    grouped,
+    nonzero,
+    quant_codes,
+    quant_scale,
+)
 from .weightonly import quantize_at_load
 
 # Storage dtype of the weight scale per granularity (see the module docstring).

@@ -15,8 +15,26 @@ from collections import Counter
 from html import escape
 
 from . import plots
-from .markdown import (DASH, DRIFT_CHUNK, GENERATION_HEADERS, SUMMARY_HEADERS, generation_rows, autotune_curve, fallback_groups, flatten, format_facts, megabytes, num,
-                       ordered_outliers, outliers_note, setup_rows, summary_rows, top_channels_text, top_sensitive, verdict)
+from .markdown import (
+    DASH,
+    DRIFT_CHUNK,
+    GENERATION_HEADERS,
+    SUMMARY_HEADERS,
+    autotune_curve,
+    fallback_groups,
+    flatten,
+    format_facts,
+    generation_rows,
+    megabytes,
+    num,
+    ordered_outliers,
+    outliers_note,
+    setup_rows,
+    summary_rows,
+    top_channels_text,
+    top_sensitive,
+    verdict,
+)
 
 CSS = """
 :root { color-scheme: light; }

@@ -6,7 +6,6 @@ from rich.table import Table
 
 from ..quant.formats import FORMATS
 
-
 _KIND_LABEL = {"int": lambda q: f"int{q.bits}", "fp8": lambda q: "fp8", "fp4": lambda q: "fp4 e2m1"}
 _BLOCK_SCALE_LABEL = {"e4m3": "e4m3 scale x fp32 global", "e8m0": "e8m0 scale", "fp32": "fp32 scale"}
 

@@ -4,7 +4,9 @@
 and ``report_fragment`` load :mod:`quantaudit.tune.command` on first use.
 """
 
-from .cli import AutotuneSettings, add_autotune_arguments, run_autotune
+from .cli import AutotuneSettings as AutotuneSettings
+from .cli import add_autotune_arguments as add_autotune_arguments
+from .cli import run_autotune as run_autotune
 
 _COMMAND_NAMES = {"autotune", "report_fragment"}
 _PLAN_NAMES = {"effective_bits", "plan_units"}
