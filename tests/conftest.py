@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,18 +17,35 @@ STORIES_HF = SHARED / "models" / "stories260K" / "hf"
 # stories260K's tensors are tiny: intra-op threads only add synchronisation (on a busy 2-core machine a
 # stories260K forward took 1.3 s with 2 threads and 17 ms with 1). SmolLM2 tests elsewhere keep both cores.
 ONE_THREAD_DIRS = ("quant", "export", "stream")
+ONE_THREAD_MODULES = ("test_arch.py", "test_logits.py")  # tiny models of every family
+
+
+@contextmanager
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread(request):
-    """One torch thread for the modules under ONE_THREAD_DIRS, restored afterwards."""
-    if Path(request.path).parent.name not in ONE_THREAD_DIRS:
+def _one_thread_for_tiny_models(request):
+    """One torch thread for the modules under ONE_THREAD_DIRS and the ONE_THREAD_MODULES, restored afterwards."""
+    path = Path(request.path)
+    if path.parent.name not in ONE_THREAD_DIRS and path.name not in ONE_THREAD_MODULES:
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with _single_thread():
+        yield
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test on stories260K in a module whose other tests keep both cores for SmolLM2."""
+    with _single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

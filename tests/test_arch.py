@@ -34,14 +34,6 @@ REL = 1e-5
 AUDIT_FORMATS = ["int8_wo", "fp8", "int8_sq", "int4_awq", "int4_gptq", "nvfp4"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
     cache = {}

@@ -130,15 +130,6 @@ def arith_dir(tmp_path_factory, hub_offline):
     return folder
 
 
-@pytest.fixture
-def one_thread():
-    """stories260K is tiny: a second torch thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
 
 

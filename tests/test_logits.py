@@ -43,14 +43,6 @@ REL = 1e-6
 BATCH = 2  # windows a forward pass, in the code and in the references
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(threads)
-
-
 # Differences between the two models' values on the same tokens cancel most of their digits: a rounding of
 # 1e-7 in the operands can move ln PPL(q) − ln PPL(b) or the mean Δp by far more than 1e-6 of itself. They
 # are held to 1e-6 of what they are differences of (the base's ln PPL and PPL, Δp's RMS), the rest to 1e-6

@@ -35,15 +35,6 @@ def data_dir(shared_dir):
     return shared_dir / "data"
 
 
-@pytest.fixture
-def one_thread():
-    """stories260K is tiny: a second thread only adds synchronisation (10x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- independent reference scoring
 
 

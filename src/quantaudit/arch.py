@@ -89,14 +89,15 @@ class SparseMoE:
             return ".".join([self.checkpoint_experts.format(e=expert), disk, *tail])
         return name
 
+    def expert_groups(self, e: int) -> tuple[LinearGroup, LinearGroup]:
+        """Expert ``e``'s gate/up (TensorRT-LLM's fused ``fc1``: one GEMM, one weight range) and down."""
+        prefix = f"{self.experts}.{e}."
+        return (LinearGroup((prefix + "gate_proj", prefix + "up_proj"), None, fused=True),
+                LinearGroup((prefix + "down_proj",), None))
+
     def groups(self, n_experts: int) -> tuple[LinearGroup, ...]:
-        """Per expert: gate/up (TensorRT-LLM's fused ``fc1``: one GEMM, one weight range) and down."""
-        out = []
-        for e in range(n_experts):
-            prefix = f"{self.experts}.{e}."
-            out += [LinearGroup((prefix + "gate_proj", prefix + "up_proj"), None, fused=True),
-                    LinearGroup((prefix + "down_proj",), None)]
-        return tuple(out)
+        """Every expert's groups, in expert order."""
+        return tuple(g for e in range(n_experts) for g in self.expert_groups(e))
 
 
 @dataclass(frozen=True)
@@ -268,7 +269,7 @@ class Architecture:
         groups = self.groups
         if self.moe and f".{self.moe.experts}." in name:  # model.layers.{i}.mlp.experts.{e}.{projection}
             expert = int(name.split(f".{self.moe.experts}.", 1)[1].split(".", 1)[0])
-            groups = self.moe.groups(expert + 1)[-2:]
+            groups = self.moe.expert_groups(expert)
         for group in groups:
             for path in group.linears:
                 if name.endswith("." + path):

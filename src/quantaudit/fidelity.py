@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -117,7 +118,7 @@ def encode_prompts(prompts: list[Prompt], tokenizer, chat_template: bool) -> lis
         if chat_template:
             ids = tokenizer.apply_chat_template([{"role": "user", "content": p.text}], add_generation_prompt=True,
                                                 tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding in some transformers versions
         else:
             ids = tokenizer(p.text)["input_ids"]
         out.append(list(ids))
@@ -265,13 +266,10 @@ class Generations:
     tokens: list[list[int]]
     texts: list[str]
     seconds: float = 0.0
-    meta: dict = field(default_factory=dict)
 
 
 def continuations(model, tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]], max_new_tokens: int,
                   description: str, batch_size: int = GEN_BATCH) -> Generations:
-    import time
-
     started = time.perf_counter()
     raw = generate(model, prompt_ids, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size,
                    description)
