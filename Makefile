@@ -26,6 +26,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest -q
 
 test-fast: install

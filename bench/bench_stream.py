@@ -43,7 +43,7 @@ SYNTHETIC = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_head
 # tokenizer, and the evaluation and calibration text read and tokenized (the Rust tokenizer's
 # transient per-token records peak here). Run as its own process, on the same text as the audit.
 OVERHEAD_SCRIPT = """
-import sys, torch, transformers.models.llama.modeling_llama, quantaudit.cli, quantaudit.audit.run, quantaudit.stream.audit
+import sys, torch, transformers.models.llama.modeling_llama, quantaudit.cli, quantaudit.audit.run, quantaudit.audit.streamed
 from quantaudit.data import load_windows
 from quantaudit.models import load_tokenizer, model_folder
 tokenizer = load_tokenizer(model_folder(sys.argv[1])[0])

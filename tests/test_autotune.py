@@ -10,8 +10,7 @@ import math
 import pytest
 
 from quantaudit.errors import UserError
-from quantaudit.quant.plan import MixedPlan, load_plan, plan_layer_names
-from quantaudit.tune.plan import effective_bits, plan_units
+from quantaudit.quant.plan import MixedPlan, effective_bits, load_plan, plan_layer_names, plan_units
 from quantaudit.tune.search import Option, Searcher, greedy_moves, hull, plan_bytes, predicted, search_budget
 
 BUDGET = 0.03  # between stories260K's uniform int8_wo (~0.0004) and int4_wo (~0.1) KLDs in this setup

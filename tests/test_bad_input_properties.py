@@ -18,7 +18,7 @@ from cli_helpers import TEXT, leftovers, run_cli, snapshot, tiny_audit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quantaudit.audit.budget import METRICS
+from quantaudit.measure.budget import METRICS
 
 FIXED = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
 

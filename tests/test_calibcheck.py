@@ -110,7 +110,7 @@ def _texts(shared_dir, tmp_path):
 
 def test_range_coverage_equals_a_direct_computation(stories, shared_dir, tmp_path):
     from quantaudit.data import load_windows
-    from quantaudit.tune.plan import plan_units
+    from quantaudit.quant.plan import plan_units
 
     calib_path, _, eval_path = _texts(shared_dir, tmp_path)
     calib = load_windows(calib_path, stories.tokenizer, 64, 6, role="calib")

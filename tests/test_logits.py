@@ -18,8 +18,6 @@ from test_metrics import assert_summary_close
 from tiny_models import TINY_FAMILIES
 
 import quantaudit.logits as logits_module
-from quantaudit.audit.drift import _DriftAccumulator, layer_drift
-from quantaudit.audit.sensitivity import sensitivity_kld, swapped
 from quantaudit.data import load_windows
 from quantaudit.evaluate import (
     build_baseline,
@@ -28,6 +26,8 @@ from quantaudit.evaluate import (
     evaluate_perplexity,
 )
 from quantaudit.logits import OutputHead, chunk_rows, final_hidden
+from quantaudit.measure.drift import DriftAccumulator, layer_drift
+from quantaudit.measure.sensitivity import sensitivity_kld, swapped
 from quantaudit.metrics import (
     PairedAccumulator,
     PerplexityAccumulator,
@@ -153,7 +153,7 @@ def test_layer_drift_at_lm_head_in_chunks(case, monkeypatch):
     lm, qm, windows, *_ = case
     small_chunks(monkeypatch, 512)
     got = layer_drift(lm.model, qm.model, windows, {"lm_head": "lm_head", "decoder.1": "model.layers.1"})
-    want = _DriftAccumulator()
+    want = DriftAccumulator()
     outputs = []
     handles = [m.lm_head.register_forward_hook(lambda _m, _a, out: outputs.append(out[0])) for m in (lm.model, qm.model)]
     try:

@@ -281,7 +281,7 @@ def test_mcnemar_and_flips_on_constructed_example():
 
 
 def test_tasks_summary_feeds_the_audit_budget():
-    from quantaudit.audit.budget import check_budget, parse_budget
+    from quantaudit.measure.budget import check_budget, parse_budget
 
     piqa = compare_task_results(_result([True] * 10, task="piqa"), _result([True] * 9 + [False], task="piqa"))
     hella = compare_task_results(_result([True] * 4 + [False] * 6, task="hellaswag"),

@@ -29,7 +29,7 @@ are measured on the same eval tokens against the same baseline, so the error is 
 per-token paired difference (:func:`quantaudit.metrics.paired_difference`).
 
 Activation maxima are collected with forward pre-hooks and
-:class:`quantaudit.audit.outliers._Moments` (the outlier audit's per-channel maxima), over real
+:class:`quantaudit.measure.outliers.Moments` (the outlier audit's per-channel maxima), over real
 tokens only (padded positions of the eval windows are excluded).
 """
 
@@ -41,8 +41,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import EXIT_BUDGET_FAILED, EXIT_OK, UserError
+from .errors import EXIT_BUDGET_FAILED, EXIT_OK
 from .progress import console
+from .quant.formats import get_format
+from .session import EvalSettings, add_arguments, flag
 
 if TYPE_CHECKING:  # torch is imported when a command runs, not with the CLI
     import torch
@@ -63,20 +65,14 @@ REASONS_SHOWN = 5
 
 
 @dataclass
-class CalibCheckSettings:
-    model: str = "smollm2-135m"
-    calib: str | None = None
-    calib2: str | None = None
-    eval: str | None = None
-    format: str = "fp8"
-    calib_size: int = 32
-    calib_seq: int = 512
-    windows: int | None = 16
-    seq_len: int = 512
-    bos: str = "auto"
-    group_size: int = 128
-    batch_size: int = 4
-    device: str = "cpu"
+class CalibCheckSettings(EvalSettings):
+    calib2: str | None = flag("--calib2", None, "an alternative calibration text to compare with", metavar="FILE")
+    format: str = flag("--format", "fp8", "format quantized for the KLD test (default: %(default)s, static activations)")
+    batch_size: int | None = flag("--batch-size", 4, "windows per forward (default: %(default)s)", type=int)
+
+    def check(self) -> None:
+        super().check()
+        get_format(self.format)
 
 
 # ---------------------------------------------------------------- pure statistics
@@ -140,9 +136,9 @@ class _CalibRange:
     def __init__(self, channels: int, samples: int, device):
         import torch
 
-        from .audit.outliers import _Moments
+        from .measure.outliers import Moments
 
-        self.moments = _Moments(torch.zeros(channels, device=device))
+        self.moments = Moments(torch.zeros(channels, device=device))
         self.half_channel_max = torch.zeros(channels, device=device)
         self.sample_max = torch.zeros(samples, dtype=torch.float64)
         self.half = samples // 2
@@ -169,11 +165,11 @@ class _EvalCoverage:
     def __init__(self, calib: _CalibRange):
         import torch
 
-        from .audit.outliers import _Moments
+        from .measure.outliers import Moments
 
         self.channel_limit = calib.channel_max
         self.tensor_limit = calib.channel_max.max()
-        self.moments = _Moments(torch.zeros_like(calib.channel_max))
+        self.moments = Moments(torch.zeros_like(calib.channel_max))
         self.values = self.over_tensor = self.over_channel = 0
 
     def add(self, x, first: int, mask) -> None:
@@ -365,7 +361,7 @@ def check_one(lm, units, calib, eval_windows, baseline, s: CalibCheckSettings) -
     """Every coverage figure of one calibration set, its reasons, and the KLD it yields (with the per-token KLDs)."""
     from .evaluate import compare_to_baseline
     from .metrics import PairedAccumulator
-    from .quant import QuantSpec, quantize
+    from .quant import quantize
 
     ranges = calibration_ranges(lm.model, units, calib, s.batch_size)
     coverage = {
@@ -375,7 +371,7 @@ def check_one(lm, units, calib, eval_windows, baseline, s: CalibCheckSettings) -
         "adequacy": sample_adequacy(ranges),
     }
     coverage["summary"] = coverage_summary(coverage["ranges"])
-    qm = quantize(lm.model, QuantSpec(format=s.format, group_size=s.group_size), calib)
+    qm = quantize(lm.model, s.quant_spec(s.format), calib)
     acc = PairedAccumulator()
     stats = compare_to_baseline(baseline, qm.model, eval_windows, acc=acc)
     found = reasons(coverage, s.format)
@@ -386,14 +382,9 @@ def check_one(lm, units, calib, eval_windows, baseline, s: CalibCheckSettings) -
 
 def validate(s: CalibCheckSettings, out: Path | None) -> None:
     """Every flag checked before anything is read or written."""
-    from .audit.settings import check_text_flags
     from .fileio import check_out_dir
-    from .quant.formats import get_format
 
-    get_format(s.format)
-    if s.group_size not in (64, 128):
-        raise UserError(f"--group-size must be 64 or 128 (what TensorRT-LLM supports), got {s.group_size}")
-    check_text_flags(s)
+    s.check()
     if out is not None:
         check_out_dir(out, force=True)  # calib_check.json is added to (or replaced in) the folder
 
@@ -403,15 +394,13 @@ def calib_check(s: CalibCheckSettings, out: Path | None = None) -> dict:
     from .data import load_windows
     from .evaluate import build_baseline
     from .fileio import atomic_write_json, output_dir
-    from .models import load_model
-    from .stream.source import check_model_files
-    from .tune.plan import plan_units
+    from .quant.plan import plan_units
+    from .session import open_session
 
     validate(s, out)
-    check_model_files(s.model)
-    lm = load_model(s.model, device=s.device)
-    eval_windows = load_windows(s.eval, lm.tokenizer, s.seq_len, s.windows, s.bos)
-    calibs = {"calib": load_windows(s.calib, lm.tokenizer, s.calib_seq, s.calib_size, s.bos, role="calib")}
+    session = open_session(s)
+    lm, eval_windows = session.lm, session.eval
+    calibs = {"calib": session.calib}
     if s.calib2 is not None:
         calibs["calib2"] = load_windows(s.calib2, lm.tokenizer, s.calib_seq, s.calib_size, s.bos, role="calib")
     baseline = build_baseline(lm, eval_windows)
@@ -460,27 +449,12 @@ def coverage_table(result: dict):
 
 
 def add_calib_check_arguments(p: argparse.ArgumentParser) -> None:
-    d = CalibCheckSettings()
-    p.add_argument("--model", default=d.model, help="HF folder, .gguf file or short name (default: %(default)s)")
-    p.add_argument("--calib", default=None, metavar="FILE", help="calibration text to judge (default: embedded, calib half)")
-    p.add_argument("--calib2", default=None, metavar="FILE", help="an alternative calibration text to compare with")
-    p.add_argument("--eval", default=None, metavar="FILE", help="production-like text (default: embedded, eval half)")
-    p.add_argument("--format", default=d.format, help="format quantized for the KLD test (default: %(default)s, static activations)")
-    p.add_argument("--calib-size", type=int, default=d.calib_size, help="calibration samples (default: %(default)s)")
-    p.add_argument("--calib-seq", type=int, default=d.calib_seq, help="tokens per sample (default: %(default)s)")
-    p.add_argument("--windows", type=int, default=d.windows, metavar="N", help="eval windows (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per eval window (default: %(default)s)")
-    p.add_argument("--bos", choices=["auto", "doc", "none"], default=d.bos, help="BOS policy (default: auto)")
-    p.add_argument("--group-size", type=int, default=d.group_size, help="INT4 group size for --format (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward (default: %(default)s)")
-    p.add_argument("--device", default=d.device, help="torch device (default: %(default)s)")
+    add_arguments(p, CalibCheckSettings)
     p.add_argument("--out", default=None, metavar="DIR", help="write DIR/calib_check.json")
 
 
 def run_calib_check(args) -> int:
-    s = CalibCheckSettings(model=args.model, calib=args.calib, calib2=args.calib2, eval=args.eval, format=args.format,
-                           calib_size=args.calib_size, calib_seq=args.calib_seq, windows=args.windows, seq_len=args.seq_len,
-                           bos=args.bos, group_size=args.group_size, batch_size=args.batch_size, device=args.device)
+    s = CalibCheckSettings.from_args(args)
     result = calib_check(s, Path(args.out) if args.out else None)
     console.print(coverage_table(result))
     if "better" in result:

@@ -15,6 +15,7 @@ from . import __version__
 from .errors import EXIT_BUG, EXIT_USAGE, UserError, save_traceback
 from .fileio import atomic_write_json
 from .progress import console
+from .session import GenerationSettings, TaskSettings, add_arguments
 
 EPILOG = """\
 examples:
@@ -52,35 +53,6 @@ def _add_window_args(p: argparse.ArgumentParser, data_flag: str = "--data") -> N
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
 
 
-def _add_task_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("task accuracy (lm-evaluation-harness style)")
-    g.add_argument("--tasks", default="", metavar="LIST",
-                   help="comma-separated: piqa, hellaswag, .jsonl files ({context, choices, answer} for "
-                        "multiple choice, {prompt, answer} for exact-match generation), or lm_eval:NAME, an "
-                        "lm-evaluation-harness task, group or tag (pip install 'quantaudit[lm-eval]')")
-    g.add_argument("--task-data", default=None, metavar="DIR",
-                   help="folder with piqa_valid.jsonl, piqa_valid_labels.lst, hellaswag_val.txt.bz2")
-    g.add_argument("--lm-eval-include", default=None, metavar="DIR",
-                   help="folder of your own lm-eval task YAMLs (lm-eval's include_path), for lm_eval:NAME")
-    g.add_argument("--limit", type=_limit, default=None, metavar="N",
-                   help="first N items of each task (or sampled, with --seed), or a fraction below 1 of them, as lm-eval's")
-    g.add_argument("--seed", type=int, default=None, help="sample --limit items at random with this seed instead of the first N")
-    g.add_argument("--strict", action="store_true", help="refuse a task file with bad items instead of skipping them")
-
-
-def _limit(text: str) -> int | float:
-    """``--limit``: a number, an integer count unless it is a fraction (the range is checked with the tasks)."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    return int(value) if value >= 1 and value.is_integer() else value
-
-
 def _lm_eval_dir(json_out: str | None):
     """Where ``eval``/``compare`` put lm-eval's own results: a folder beside ``--json`` (none without it)."""
     from pathlib import Path
@@ -90,18 +62,16 @@ def _lm_eval_dir(json_out: str | None):
     return Path(json_out).parent / LM_EVAL_RESULTS if json_out else None
 
 
-def _split(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def _load_tasks(args):
     """The flags ``eval`` and ``compare`` share checked, then their tasks read."""
-    from .audit.settings import at_least, check_text_flags
-    from .tasks import load_tasks
+    from .session import TaskSettings, at_least, check_device
 
-    check_text_flags(args)
-    at_least("--seed", args.seed, 0)
-    return load_tasks(_split(args.tasks), args.task_data, args.limit, args.strict, args.seed, args.lm_eval_include)
+    for flag, low in (("--windows", 1), ("--seq-len", 2), ("--batch-size", 1)):
+        at_least(flag, getattr(args, flag[2:].replace("-", "_")), low)
+    check_device(args.device)
+    tasks = TaskSettings.from_args(args)
+    tasks.check()
+    return tasks.load_tasks()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Perplexity of one model on fixed token windows, with tokens/s.")
     _add_model_arg(p)
     _add_window_args(p)
-    _add_task_args(p)
+    add_arguments(p, TaskSettings)
     p.add_argument("--json", metavar="OUT", help="write the result as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -129,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p, "--base", default=None)
     _add_model_arg(p, "--candidate", default=None)
     _add_window_args(p)
-    _add_task_args(p)
-    _add_generation_args(p)
+    add_arguments(p, TaskSettings)
+    add_arguments(p, GenerationSettings)
     p.add_argument("--json", metavar="OUT", help="write the statistics as JSON")
     p.set_defaults(func=cmd_compare)
 
@@ -184,72 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    from .audit.settings import CHAT_TEMPLATE_MODES, AuditSettings
-
-    p.add_argument("--generate", default=None, metavar="PROMPTS",
-                   help="also compare free-running greedy generation: 'default' (64 paragraph openings of the "
-                        "evaluation text) or a JSONL of {\"prompt\": ..., optional \"regex\", \"json\": true, "
-                        "\"stop\": [...]}; reports identical outputs, first divergence, degeneration, check pass rates")
-    p.add_argument("--max-new-tokens", type=int, default=AuditSettings.max_new_tokens,
-                   help="tokens generated per prompt with --generate (default: %(default)s)")
-    p.add_argument("--chat-template", default=AuditSettings.chat_template, choices=CHAT_TEMPLATE_MODES,
-                   help="wrap --generate prompts in the tokenizer's chat template (auto: when it has one)")
-
-
 def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
-    from .audit.budget import DEFAULT_BUDGET, METRICS
-    from .audit.settings import STREAMING_MODES, AuditSettings, add_algorithm_arguments
-    from .quant.formats import KV_CACHE_FORMATS, KV_SCALES
+    from .audit.settings import AuditSettings
 
-    d = AuditSettings()
-    _add_model_arg(p)
-    p.add_argument("--formats", default=",".join(d.formats),
-                   help="comma-separated formats (see `quantaudit formats`; default: %(default)s)")
-    p.add_argument("--kv-cache", default=d.kv_cache, choices=list(KV_CACHE_FORMATS),
-                   help="KV-cache quantization applied with every format (default: %(default)s)")
-    p.add_argument("--kv-scales", default=d.kv_scales, choices=list(KV_SCALES),
-                   help="shared: one scale per layer for K and V from max(K, V amax), what TensorRT-LLM engines run; "
-                        "separate: K and V each their own, as HF/vLLM checkpoints can carry them (default: %(default)s)")
-    p.add_argument("--calib", default=None, metavar="FILE", help="calibration text (default: embedded, calib half)")
-    p.add_argument("--calib-size", type=int, default=d.calib_size, help="calibration samples (default: %(default)s)")
-    p.add_argument("--calib-seq", type=int, default=d.calib_seq, help="tokens per sample (default: %(default)s)")
-    p.add_argument("--eval", default=None, metavar="FILE", help="evaluation text (default: embedded, eval half)")
-    p.add_argument("--windows", type=int, default=d.windows, metavar="N",
-                   help="evaluation windows (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per window (default: %(default)s)")
-    p.add_argument("--bos", choices=["auto", "doc", "none"], default=d.bos, help="BOS policy (default: auto)")
-    p.add_argument("--group-size", type=int, default=d.group_size,
-                   help="INT4 group size, 128 or 64; layers not divisible fall back (default: %(default)s)")
-    p.add_argument("--exclude", default="", help="fnmatch patterns of layers to keep unquantized, comma-separated")
-    p.add_argument("--include-lm-head", action="store_true",
-                   help="quantize lm_head too (TensorRT-LLM and ModelOpt leave it unquantized by default)")
-    add_algorithm_arguments(p)
-    p.add_argument("--plan", default=None, metavar="FILE",
-                   help="also audit this mixed-precision plan (autotune's plan.json, or {layer: format}), "
-                        "reported as format 'plan' next to --formats (which may then be empty: --formats '')")
-    p.add_argument("--budget", default=DEFAULT_BUDGET,
-                   help=f"accuracy budget, e.g. '%(default)s'; metrics: {', '.join(METRICS)}")
-    p.add_argument("--top-k", type=int, default=None, metavar="K",
-                   help="keep only the baseline's top-K log-probs per token (a lower bound of the KLD); "
-                        "default: exact full-vocabulary KLD from the cached final hidden states")
-    p.add_argument("--drift-windows", type=int, default=d.drift_windows,
-                   help="windows for layer drift (0 = skip; default: %(default)s)")
-    p.add_argument("--sensitivity-granularity", default=d.sensitivity, choices=["linear", "decoder", "none"],
-                   help="quantize one linear or one decoder layer at a time (default: %(default)s)")
-    p.add_argument("--sensitivity-windows", type=int, default=d.sensitivity_windows,
-                   help="windows for the sensitivity sweep (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: automatic)")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--streaming", default=d.streaming, choices=list(STREAMING_MODES),
-                   help="on: read one decoder layer at a time from the safetensors files, never holding the model; "
-                        "auto: only when the model would not fit in free memory (default: %(default)s)")
-    p.add_argument("--stream-ram", type=int, default=None, metavar="MIB",
-                   help="with streaming: keep layer-boundary hidden states in memory up to MIB, spill the rest to a "
-                        "temporary folder (default: a quarter of the free memory)")
-    p.add_argument("--gpu", default=None, help="add memory and speed estimates for this GPU (see `quantaudit advise`)")
-    _add_task_args(p)
-    _add_generation_args(p)
+    add_arguments(p, AuditSettings)
     p.add_argument("--out", default=out_default, required=out_default is None, metavar="DIR",
                    help="output directory for report.json/.md/.html")
     p.add_argument("--force", action="store_true",
@@ -265,18 +173,7 @@ def cmd_audit(args) -> int:
     from .audit.settings import AuditSettings
     from .report.terminal import audit_table, generation_table
 
-    settings = AuditSettings(
-        model=args.model, formats=_split(args.formats), tasks=_split(args.tasks), task_data=args.task_data,
-        task_limit=args.limit, task_seed=args.seed, task_strict=args.strict, lm_eval_include=args.lm_eval_include,
-        kv_cache=args.kv_cache, kv_scales=args.kv_scales, calib=args.calib, calib_size=args.calib_size, calib_seq=args.calib_seq,
-        eval=args.eval, windows=args.windows, seq_len=args.seq_len, bos=args.bos, group_size=args.group_size,
-        exclude=_split(args.exclude), include_lm_head=args.include_lm_head,
-        smoothquant_alpha=args.smoothquant_alpha, act_order=args.act_order, gptq_scale=args.gptq_scale, plan=args.plan, budget=args.budget, top_k=args.top_k,
-        drift_windows=args.drift_windows, sensitivity=args.sensitivity_granularity,
-        sensitivity_windows=args.sensitivity_windows, batch_size=args.batch_size, device=args.device, gpu=args.gpu,
-        streaming=args.streaming, stream_ram_mb=args.stream_ram,
-        generate=args.generate, max_new_tokens=args.max_new_tokens, chat_template=args.chat_template,
-    )
+    settings = AuditSettings.from_args(args)
     report = run_audit(settings, Path(args.out), force=args.force, resume=args.resume)
     console.print(audit_table(report))
     generation = generation_table(report)
@@ -316,12 +213,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .audit.settings import at_least
     from .data import load_windows
     from .evaluate import compare_models
     from .fidelity import compare_generations, continuations, prompt_set
     from .models import check_same_tokenizer, load_model
     from .report.terminal import generation_table, paired_table, task_comparison_table
+    from .session import at_least
     from .stream.source import check_model_files
     from .tasks import check_tasks_bos, compare_task_results, evaluate_tasks
 

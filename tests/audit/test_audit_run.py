@@ -103,12 +103,12 @@ def test_resume_reuses_finished_formats(shared_dir, tmp_path, monkeypatch):
     settings = _settings(shared_dir, formats=["int8_wo"], sensitivity="none", drift_windows=0)
     first = run_audit(settings, tmp_path / "r", force=True)
     (tmp_path / "r" / "report.json").unlink()  # as if killed before the final report
-    import quantaudit.audit.run as run_module
+    from quantaudit.audit.in_memory import InMemoryExecutor
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished format was recomputed")
 
-    monkeypatch.setattr(run_module, "audit_format", must_not_run)
+    monkeypatch.setattr(InMemoryExecutor, "_measure_one", must_not_run)
     second = run_audit(settings, tmp_path / "r", resume=True)
     assert second["formats"][0]["kld"] == first["formats"][0]["kld"]
 

@@ -1,7 +1,7 @@
 import pytest
 
-from quantaudit.audit.budget import GRAMMAR, check_budget, parse_budget
 from quantaudit.errors import UserError
+from quantaudit.measure.budget import GRAMMAR, check_budget, parse_budget
 
 
 def test_parse_and_check():

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from quantaudit.audit.drift import layer_drift
-from quantaudit.audit.outliers import activation_outliers
-from quantaudit.audit.sensitivity import sensitivity_kld
 from quantaudit.data import load_windows
 from quantaudit.evaluate import compare_models
+from quantaudit.measure.drift import layer_drift
+from quantaudit.measure.outliers import activation_outliers
+from quantaudit.measure.sensitivity import sensitivity_kld
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 from quantaudit.cli import main
 
 GOLDEN = Path(__file__).parent / "golden"
-TIMING_KEYS = ("seconds", "_per_s", "created", "quantaudit_version", "torch_threads")
+TIMING_KEYS = ("seconds", "_per_s", "created", "quantaudit_version", "torch_threads", "timings")
 
 
 def _normal(value, tmp: str):

@@ -15,7 +15,7 @@ FORMATS = ("fp8", "fp8_pc_pt", "int8_wo", "int4_wo", "int8_sq", "int8_sq_static"
 
 def parse(*argv) -> argparse.Namespace:
     """`quantaudit export` arguments, parsed as the CLI does."""
-    from quantaudit.export import add_export_arguments
+    from quantaudit.export.command import add_export_arguments
 
     parser = argparse.ArgumentParser(prog="quantaudit export")
     add_export_arguments(parser)

@@ -18,8 +18,8 @@ from export_helpers import parse
 
 from quantaudit.errors import UserError
 from quantaudit.export import build as build_module
-from quantaudit.export import run_export
 from quantaudit.export.build import BENCH_FIGURES, BENCH_REPORT, EXPORT_RECORD, read_bench_report, record_bench
+from quantaudit.export.command import run_export
 
 PERFORMANCE = {
     "total_latency_ms": 8123.4, "avg_request_latency_ms": 5012.5, "request_throughput_req_s": 12.31,

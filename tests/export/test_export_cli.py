@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from quantaudit.data import load_windows
 from quantaudit.errors import UserError
-from quantaudit.export import run_export
+from quantaudit.export.command import run_export
 from quantaudit.quant import QuantSpec, quantize
 
 
@@ -75,7 +75,7 @@ def test_bad_input_is_refused_before_loading_anything(common, tmp_path):
         run_export(parse(*common, "--plan", str(bad), "--out", str(tmp_path / "c")))
     with pytest.raises(SystemExit):
         parse(*common, "--format", "fp8", "--plan", str(bad), "--out", str(tmp_path / "d"))
-    with pytest.raises(UserError, match="--group-size must be 128 or 64"):
+    with pytest.raises(UserError, match="--group-size must be 64 or 128"):
         run_export(parse(*common, "--format", "int4_awq", "--group-size", "32", "--out", str(tmp_path / "f")))
     with pytest.raises(UserError, match="nothing to export"):
         run_export(parse(*common, "--format", "none", "--out", str(tmp_path / "g")))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantaudit.quant.engine import _group_size_for
+from quantaudit.quant.engine import group_size_for
 from quantaudit.quant.formats import FORMATS, ActQuant, WeightQuant
 from quantaudit.quant.qlinear import QuantLinear, quantize_activation, quantize_weight
 
@@ -138,7 +138,7 @@ def test_quant_linear_is_codes_times_scales_on_rounded_input():
     [(1536, 128, 128), (576, 128, 64), (64, 128, 64), (576, 64, 64), (172, 128, None), (96, 64, None)],
 )
 def test_group_size_falls_back_to_64_then_to_unquantized(in_features, requested, used):
-    group_size, reason = _group_size_for(in_features, requested)
+    group_size, reason = group_size_for(in_features, requested)
     assert group_size == used
     assert (reason is None) == (used is not None)
     if reason:
@@ -159,7 +159,7 @@ def test_group_size_falls_back_to_64_then_to_unquantized(in_features, requested,
 def test_group_size_avoids_tensorrt_llm_padding(in_features, outs, pad_multiple, used):
     """WeightOnlyGroupwiseQuantLinear pads in/out features that are not multiples of max(64 or 128 (W4A8), group)
     and then cannot load unpadded checkpoint tensors: 64 is taken where 128 would pad and 64 does not."""
-    assert _group_size_for(in_features, 128, outs, pad_multiple) == (used, None)
+    assert group_size_for(in_features, 128, outs, pad_multiple) == (used, None)
 
 
 def _c_round_symmetric_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

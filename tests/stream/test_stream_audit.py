@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantaudit.audit.drift import layer_drift
+from quantaudit.audit.streamed import stream_audit
 from quantaudit.evaluate import build_baseline, compare_to_baseline
+from quantaudit.measure.drift import layer_drift
 from quantaudit.quant import AWQOptions, QuantSpec, quantize
-from quantaudit.stream.audit import stream_audit
 from quantaudit.stream.source import CheckpointParts
 from quantaudit.stream.spill import SpillStore
 
@@ -100,7 +100,7 @@ def test_logits_in_chunks_of_tokens(stories, stories_dir, calib, eval_windows, m
     streamed final stage, 37 in the in-memory path, so that chunk edges fall anywhere, including on a window's
     unscored last position."""
     import quantaudit.logits
-    from quantaudit.stream import audit as stream_module
+    from quantaudit.audit import streamed as stream_module
 
     monkeypatch.setattr(quantaudit.logits, "LOGIT_CHUNK_BYTES", 37 * 512 * 4)
     monkeypatch.setattr(stream_module, "LOGIT_BLOCK_BYTES", 29 * 512 * 4)

@@ -69,8 +69,8 @@ def test_in_place_edits_never_reach_the_file(stories_dir, tmp_path):
 
 
 def test_sharded_checkpoint_streams_to_the_same_numbers(stories_dir, sharded, calib, eval_windows):
+    from quantaudit.audit.streamed import stream_audit
     from quantaudit.quant import QuantSpec
-    from quantaudit.stream.audit import stream_audit
 
     results = []
     for folder in (stories_dir, sharded):

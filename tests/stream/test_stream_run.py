@@ -7,11 +7,11 @@ import tempfile
 
 import pytest
 
+from quantaudit.audit import streamed as stream_module
 from quantaudit.audit.run import run_audit
 from quantaudit.audit.settings import AuditSettings
+from quantaudit.audit.streamed import NOT_STREAMED, in_memory_bytes, use_streaming
 from quantaudit.cli import main
-from quantaudit.stream import audit as stream_module
-from quantaudit.stream.audit import NOT_STREAMED, in_memory_bytes, use_streaming
 from quantaudit.stream.source import checkpoint_fp32_bytes
 from quantaudit.stream.spill import PREFIX
 
@@ -46,8 +46,14 @@ def test_streamed_report_matches_the_in_memory_one(stories_dir, text, private_di
     in_memory = run_audit(_settings(stories_dir, text, streaming="off"), private_dirs / "in-memory")
     assert "streaming" not in in_memory
     assert streamed["streaming"]["mode"] == "on" and streamed["streaming"]["spilled_bytes"] > 0
-    assert streamed["streaming"]["not_computed"] == {"outliers": NOT_STREAMED, "sensitivity": NOT_STREAMED}
-    assert streamed["outliers"] == [] and in_memory["outliers"]
+    assert streamed["streaming"]["not_computed"] == {"sensitivity": NOT_STREAMED}
+    # the outlier audit, from the calibration states as they stream past: the in-memory one's figures
+    assert [o["name"] for o in streamed["outliers"]] == [o["name"] for o in in_memory["outliers"]]
+    assert len(streamed["outliers"]) == in_memory["model"]["linear_layers"] - 1  # every linear input but lm_head's
+    for s, m in zip(streamed["outliers"], in_memory["outliers"]):
+        assert (s["flag"], s["channels"], s["top_channels"][0][0]) == (m["flag"], m["channels"], m["top_channels"][0][0])
+        for key in ("max_abs", "median_channel_max", "ratio", "kurtosis"):
+            assert s[key] == pytest.approx(m[key], rel=1e-5), (s["name"], key)
     for key in ("model", "eval", "calib"):
         assert streamed[key] == in_memory[key], key
     assert streamed["baseline"]["ppl"] == pytest.approx(in_memory["baseline"]["ppl"], rel=1e-5)

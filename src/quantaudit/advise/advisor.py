@@ -17,7 +17,7 @@ SCHEMA_VERSION = 1
 
 
 def _validate(gpus: int, efficiency: Efficiency, settings: PlannerSettings, sensitive_factor: float) -> None:
-    from ..quant.engine import GROUP_SIZES
+    from ..quant.formats import GROUP_SIZES
 
     if not isinstance(gpus, int) or gpus < 1:
         raise UserError(f"--gpus must be a positive integer (got {gpus!r})")

@@ -90,14 +90,14 @@ class MemoryPlan:
 
 def linear_weight_bytes(fmt: QuantFormat, out_features: int, in_features: int, group_size: int) -> float:
     """Bytes of one linear in ``fmt``: codes and scales, or 16 bit where the engine keeps it unquantized."""
-    from ..quant.engine import _block_size_for, _group_size_for
+    from ..quant.engine import block_size_for, group_size_for
 
     if fmt.weight is not None and fmt.weight.granularity == "group":
-        group, _ = _group_size_for(in_features, group_size)
+        group, _ = group_size_for(in_features, group_size)
         if group is None:
             return out_features * in_features * ACT_BYTES
         group_size = group
-    elif fmt.weight is not None and fmt.weight.block is not None and _block_size_for(in_features, fmt)[0] is None:
+    elif fmt.weight is not None and fmt.weight.block is not None and block_size_for(in_features, fmt)[0] is None:
         return out_features * in_features * ACT_BYTES
     return out_features * in_features * weight_bits(fmt, in_features, group_size) / 8
 

@@ -22,7 +22,6 @@ from .. import __version__
 from ..errors import UserError
 from ..fileio import atomic_write_json, atomic_write_text, check_out_dir, output_dir
 from .build import EXPORT_RECORD, BuildSettings, build_files
-from .command import add_export_arguments, run_export
 
 TARGETS = ("trtllm", "hf")
 
@@ -114,5 +113,4 @@ def export_checkpoint(qm, base_config, out_dir: str | Path, target: str = "trtll
     return ExportResult(out, target, algo, kv_algo, written, notes, warnings)
 
 
-__all__ = ["TARGETS", "BuildSettings", "ExportResult", "add_export_arguments", "export_checkpoint",
-           "run_export"]
+__all__ = ["TARGETS", "BuildSettings", "ExportResult", "export_checkpoint"]

@@ -19,28 +19,14 @@ EXAMPLE = ("example:\n  quantaudit export --model smollm2-135m --format fp8 --kv
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    from ..audit.settings import AuditSettings, add_algorithm_arguments
-    from ..quant.formats import KV_CACHE_FORMATS, KV_SCALES
+    from ..session import QuantSettings, add_arguments
     from .build import BuildSettings
 
-    d, b = AuditSettings(), BuildSettings()
-    p.add_argument("--model", default=d.model, help="HF folder, .gguf file or short name (default: %(default)s)")
+    b = BuildSettings()
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--format", help="the format to export (see `quantaudit formats`)")
     which.add_argument("--plan", metavar="PLAN", help="mixed-precision plan, JSON {module: format} (--target trtllm)")
-    p.add_argument("--kv-cache", default=d.kv_cache, choices=list(KV_CACHE_FORMATS),
-                   help="KV-cache quantization (default: %(default)s)")
-    p.add_argument("--kv-scales", default=d.kv_scales, choices=list(KV_SCALES),
-                   help="shared: one scale per layer for K and V from max(K, V amax), what a TensorRT-LLM checkpoint holds and its engines run; separate: K and V each their own (HF/vLLM k_scale, v_scale; --target hf only) (default: %(default)s)")
-    p.add_argument("--calib", default=None, metavar="FILE", help="calibration text (default: embedded, calib half)")
-    p.add_argument("--calib-size", type=int, default=d.calib_size, help="calibration samples (default: %(default)s)")
-    p.add_argument("--calib-seq", type=int, default=d.calib_seq, help="tokens per sample (default: %(default)s)")
-    p.add_argument("--bos", choices=["auto", "doc", "none"], default=d.bos, help="BOS policy (default: auto)")
-    p.add_argument("--group-size", type=int, default=d.group_size, help="INT4 group size, 128 or 64 (default: %(default)s)")
-    p.add_argument("--exclude", default="", help="fnmatch patterns of layers to keep unquantized, comma-separated")
-    p.add_argument("--include-lm-head", action="store_true",
-                   help="quantize lm_head too (refused where TensorRT-LLM keeps it unquantized)")
-    add_algorithm_arguments(p)
+    add_arguments(p, QuantSettings)
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to create")
     p.add_argument("--target", default="trtllm", choices=["trtllm", "hf"],
                    help="trtllm: TensorRT-LLM checkpoint; hf: ModelOpt unified HF folder (default: %(default)s)")
@@ -55,29 +41,25 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                    help="run build.sh --bench (trtllm-bench throughput; implies --build) and store the measured "
                         "throughput in quantaudit_export.json")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
-    p.add_argument("--device", default="cpu", help="torch device for quantization (default: %(default)s)")
     p.epilog = EXAMPLE
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from ..audit.settings import at_least, check_text_flags
-    from ..data import load_windows
     from ..fileio import check_out_dir, out_lock
-    from ..models import load_model
     from ..progress import console
-    from ..quant import GPTQOptions, QuantSpec, quantize
-    from ..quant.engine import GROUP_SIZES
+    from ..quant import quantize
     from ..quant.formats import get_format, get_kv_cache_format
     from ..quant.plan import check_fused_plan, check_layers, read_plan
-    from ..stream.source import check_model_files
+    from ..session import QuantSettings, at_least, open_session
     from . import TARGETS, export_checkpoint
     from .build import BuildSettings, record_bench, run_build_script, runtime_missing
     from .hf import check_hf_request, hf_architecture
     from .trtllm import check_trtllm_formats, check_trtllm_kv, check_trtllm_request
 
     out = check_out_dir(args.out, args.force)
-    check_text_flags(args)
+    quant = QuantSettings.from_args(args)
+    quant.check()
     for flag in ("--tp", "--max-batch-size", "--max-input-len", "--max-output-len"):
         at_least(flag, getattr(args, flag[2:].replace("-", "_")), 1)
     mixed = read_plan(args.plan) if args.plan else None
@@ -87,8 +69,6 @@ def run_export(args: argparse.Namespace) -> int:
         get_format(name)
     if fmt == "none" and not any(f != "none" for f in (plan or {}).values()):
         raise UserError("nothing to export: give --format (see `quantaudit formats`) or a --plan that quantizes layers")
-    if args.group_size not in GROUP_SIZES:
-        raise UserError(f"--group-size must be {' or '.join(map(str, GROUP_SIZES))} (what TensorRT-LLM supports)")
     kv_algo = get_kv_cache_format(args.kv_cache).trtllm_kv_cache_quant_algo
     if args.target not in TARGETS:
         raise UserError(f"--target must be one of {', '.join(TARGETS)}")
@@ -97,12 +77,9 @@ def run_export(args: argparse.Namespace) -> int:
     else:
         check_trtllm_formats({fmt, *(plan or {}).values()})
         check_trtllm_kv(args.kv_cache, args.kv_scales)
-    spec = QuantSpec(format=fmt, kv_cache=args.kv_cache, kv_scales=args.kv_scales, group_size=args.group_size, plan=plan,
-                     exclude=tuple(p.strip() for p in args.exclude.split(",") if p.strip()),
-                     include_lm_head=args.include_lm_head, smoothquant_alpha=args.smoothquant_alpha,
-                     gptq=GPTQOptions(act_order=args.act_order, scale_search=args.gptq_scale))
-    check_model_files(args.model)
-    lm = load_model(args.model, device=args.device)
+    spec = quant.quant_spec(fmt, plan)
+    session = open_session(quant)
+    lm = session.lm
     if mixed:
         check_layers(mixed, lm.model, f"plan file {args.plan}")
         check_fused_plan(mixed.layers, fmt, lm.model, f"plan file {args.plan}")
@@ -111,9 +88,8 @@ def run_export(args: argparse.Namespace) -> int:
         check_trtllm_request(lm.config, args.tp, settings.max_seq_len, {fmt, *(plan or {}).values()})
     else:
         hf_architecture(lm.model).check_layers(lm.model)  # ModelOpt's unified HF layout
-    calib = load_windows(args.calib, lm.tokenizer, args.calib_seq, args.calib_size, args.bos, role="calib")
     with out_lock(out):  # every input checked: --out is this run's until the checkpoint is written
-        qm = quantize(lm.model, spec, calib)
+        qm = quantize(lm.model, spec, session.calib)
         result = export_checkpoint(qm, lm.config, out, target=args.target, tp=args.tp, dtype=args.dtype,
                                    force=args.force, tokenizer=lm.tokenizer, build=settings,
                                    source={"model": lm.name, "path": lm.source, "fingerprint": lm.fingerprint})

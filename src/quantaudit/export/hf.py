@@ -30,7 +30,7 @@ from .. import __version__
 from ..arch import Architecture, architecture
 from ..errors import UserError
 from ..quant.formats import get_format, get_kv_cache_format
-from .layout import DTYPES, HF, HF_KV_ALGOS, HF_KV_SCALES, TRTLLM, TRTLLM_REFUSED, Storage
+from .layout import DTYPES, HF, HF_KV_ALGOS, HF_KV_SCALES, TRTLLM, TRTLLM_REFUSED, Storage, hf_writes
 from .linears import PLAIN, Part, common_format, encode, parts_of, role_value
 
 
@@ -60,12 +60,6 @@ def check_hf_request(formats: set[str], kv_algo: str | None, tp: int) -> None:
     if kv_algo and kv_algo not in HF_KV_ALGOS:
         raise UserError(f"--target hf supports KV cache {', '.join(HF_KV_ALGOS)} only (vLLM's ModelOpt loader); "
                         f"got {kv_algo}")
-
-
-def hf_writes(arch: Architecture) -> bool:
-    """``--target hf`` writes ``arch``'s layout: every family whose checkpoints store MoE experts one linear each
-    (GPT-OSS stores 3-D expert tensors, a quantized layout not written yet)."""
-    return not (arch.moe and arch.moe.checkpoint_experts is None)
 
 
 def hf_architecture(model) -> Architecture:

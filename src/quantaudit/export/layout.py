@@ -94,7 +94,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..arch import TrtllmSlot
+from ..arch import Architecture, TrtllmSlot
 from ..quant.formats import get_format
 
 # Per family, a decoder layer's linears and norms under their TensorRT-LLM names: arch.TrtllmDecoder.
@@ -360,3 +360,9 @@ def trtllm_layer_config(storage: Storage, group_size: int | None) -> dict:
     elif storage.block_config is not None:
         entry.update(group_size=group_size, **dict(storage.block_config))
     return entry
+
+
+def hf_writes(arch: Architecture) -> bool:
+    """``--target hf`` writes ``arch``'s layout: every family whose checkpoints store MoE experts one linear each
+    (GPT-OSS stores 3-D expert tensors, a quantized layout not written yet)."""
+    return not (arch.moe and arch.moe.checkpoint_experts is None)

@@ -18,7 +18,7 @@ from torch import nn
 from ..arch import ARCHITECTURES, SparseMoE, TrtllmDecoder, TrtllmSlot
 from ..errors import UserError
 from ..quant.weightonly import load_source
-from .layout import Storage, TensorSpec
+from .layout import Storage, TensorSpec, hf_writes
 from .packing import PACKINGS
 
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"  # transformers' layer_types
@@ -88,8 +88,6 @@ def model_facts(config, max_seq_len: int) -> ModelFacts:
     model_type = getattr(config, "model_type", None)
     arch = next((a for a in ARCHITECTURES if model_type in a.model_types), None)
     if arch is None or arch.trtllm is None:
-        from .hf import hf_writes
-
         other = ("quantaudit does not audit that family" if arch is None else
                  "use --target hf (TensorRT-LLM's PyTorch backend and vLLM read it)" if hf_writes(arch) else
                  "quantaudit exports it to neither target yet")

@@ -374,7 +374,7 @@ def _warnings(placed: list[PlacedSlot], tp: int, facts: ModelFacts, max_seq_len:
     ``WeightOnlyGroupwiseQuantLinear``) and then require checkpoint tensors of the padded shape
     (``Parameter.value`` asserts the shape; ``postprocess_weight_only_groupwise`` raises "Auto-padding is not
     Implemented for ModelOpt HF-AWQ"). ModelOpt writes them unpadded, as we do. The engine already picks a
-    group size that avoids the padding where one exists (``engine._group_size_for``); what remains are sizes
+    group size that avoids the padding where one exists (``engine.group_size_for``); what remains are sizes
     no group size helps (SmolLM2's 576 under W4A8's 128, stories260K's 172 outputs) and uneven --tp splits.
     MoE experts are not padded (``MOEWeightWrapper``). Formats TensorRT-LLM's engine loader does not read at all
     carry their layout's ``caveat``. A model with sliding-window layers is exact only in engines of at most its

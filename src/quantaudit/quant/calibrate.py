@@ -130,7 +130,7 @@ def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tenso
     return captured
 
 
-def _layer_output(out) -> torch.Tensor:
+def layer_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -154,7 +154,7 @@ def collect(layer: nn.Module, index: int, targets: dict[nn.Module, InputStats], 
                 kv_quantizer.token_mask = mask
             out = layer(hidden, **kwargs)
             if advance:
-                outputs.append(_layer_output(out))
+                outputs.append(layer_output(out))
     finally:
         set_all_tokens(layer, False)
         for handle in handles:
@@ -166,4 +166,4 @@ def collect(layer: nn.Module, index: int, targets: dict[nn.Module, InputStats], 
 @torch.no_grad()
 def propagate(layer: nn.Module, index: int, inputs: LayerInputs) -> None:
     """Replace the hidden states by decoder layer ``index``'s outputs (the inputs of the next layer)."""
-    inputs.hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.layer_kwargs[index], strict=True)]
+    inputs.hidden = [layer_output(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.layer_kwargs[index], strict=True)]

@@ -37,11 +37,10 @@ from ..errors import UserError
 from ..progress import track
 from .algorithms import ALGORITHMS, GroupJob
 from .calibrate import LM_HEAD_GROUP, InputStats, collect, first_layer_inputs, propagate
-from .formats import KV_SCALES, KVCacheFormat, QuantFormat, get_format, get_kv_cache_format
+from .formats import GROUP_SIZES, KV_SCALES, KVCacheFormat, QuantFormat, get_format, get_kv_cache_format
 from .kvcache import install_kv_quantizers
 from .qlinear import QuantizedWeight, QuantLinear, activation_scale
 
-GROUP_SIZES = (128, 64)  # the INT4 group sizes TensorRT-LLM's kernels take
 UNQUANTIZED_BYTES = 2  # an unquantized weight is held in fp16/bf16 by the engine
 
 
@@ -202,7 +201,7 @@ def _check_kv_cache(config, kv_format) -> None:
                         f"head_dim is {head_dim}; use --kv-cache fp8, int8 or none")
 
 
-def _group_size_for(in_features: int, requested: int, out_features: tuple[int, ...] = (),
+def group_size_for(in_features: int, requested: int, out_features: tuple[int, ...] = (),
                     pad_multiple: int | None = None) -> tuple[int | None, str | None]:
     """``requested``, else 64, whichever divides the input size, preferring one TensorRT-LLM's groupwise INT4
     layer does not pad: it pads in and out features (``out_features``: every linear of the GEMM) that are not
@@ -225,7 +224,7 @@ def _gemm_out_features(model: nn.Module, arch: Architecture, name: str) -> tuple
     return (model.get_submodule(name).out_features,)
 
 
-def _block_size_for(in_features: int, fmt: QuantFormat) -> tuple[int | None, str | None]:
+def block_size_for(in_features: int, fmt: QuantFormat) -> tuple[int | None, str | None]:
     block = fmt.weight.block
     if block.partial or in_features % block.size == 0:
         return block.size, None
@@ -256,10 +255,10 @@ def _assign(model: nn.Module, arch: Architecture, names: list[str], spec: QuantS
             raise UserError(f"plan quantizes {name} to {fmt.name}, but {reason.split(';')[0]}")
         group_size = None
         if reason is None and fmt.weight.granularity == "group":
-            group_size, reason = _group_size_for(linear.in_features, spec.group_size, _gemm_out_features(model, arch, name),
+            group_size, reason = group_size_for(linear.in_features, spec.group_size, _gemm_out_features(model, arch, name),
                                                  fmt.weight.pad_multiple)
         elif reason is None and fmt.weight.block is not None:
-            group_size, reason = _block_size_for(linear.in_features, fmt)
+            group_size, reason = block_size_for(linear.in_features, fmt)
         out[name] = _Assignment(fmt, group_size, reason)
     return out
 
@@ -349,7 +348,7 @@ def _untie_lm_head(model: nn.Module) -> None:
     model.config.tie_word_embeddings = False
 
 
-def _calib_info(calib: Windows | None, used: bool) -> dict:
+def calib_info(calib: Windows | None, used: bool) -> dict:
     if calib is None:
         return {"used": used, "source": None, "samples": 0, "tokens": 0, "seq_len": None}
     return {
@@ -488,4 +487,4 @@ def quantize(model: nn.Module, spec: QuantSpec, calib: Windows | None, progress:
 
     records.update(plan.fallback_records(qmodel))
     records = {name: records[name] for name in assignments}
-    return QuantizedModel(qmodel, spec, records, kv_scales, _calib_info(calib, calibrating), time.perf_counter() - started)
+    return QuantizedModel(qmodel, spec, records, kv_scales, calib_info(calib, calibrating), time.perf_counter() - started)

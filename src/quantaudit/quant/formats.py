@@ -21,6 +21,9 @@ from typing import Literal
 
 from ..errors import UserError
 
+GROUP_SIZES = (128, 64)  # the INT4 group sizes TensorRT-LLM's kernels take
+SCALE_SEARCHES = ("mse", "amax")  # GPTQ group scales (quant.gptq): MSE-searched shrink of amax, or plain amax
+
 Kind = Literal["int", "fp8", "fp4"]  # fp4 = E2M1 (quant.numerics)
 
 

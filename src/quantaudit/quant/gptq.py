@@ -42,14 +42,14 @@ import math
 
 import torch
 
-from quantaudit.quant.numerics import grouped, int_codes, int_scale
+from .formats import SCALE_SEARCHES
+from .numerics import grouped, int_codes, int_scale
 
 # GPTQModel's ``damp_auto_increment``: the step added to the damping fraction after a failed Cholesky.
 DAMP_INCREMENT = 0.0015
 MAX_BITS = 16
 # Columns per inner lazy batch (see gptq_quantize); any size gives the same result.
 SUB_BLOCK = 16
-SCALE_SEARCHES = ("mse", "amax")
 # llm-compressor's MSE observer: amax shrunk by 1 - i / GRID for i < MAX_SHRINK * GRID, error |.|^NORM.
 MSE_GRID, MSE_MAX_SHRINK, MSE_NORM = 100, 0.2, 2.4
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from .scoring import TaskResult
 
-# The audit's default task gates in quantaudit.audit.budget's grammar; the names are keys of
+# The audit's default task gates in quantaudit.measure.budget's grammar; the names are keys of
 # :func:`compare_task_results` and :func:`tasks_summary`.
 DEFAULT_TASK_BUDGET = "recovery>=0.95,acc_drop<=0.01"
 BOOTSTRAP_RESAMPLES = 1000

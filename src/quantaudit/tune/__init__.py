@@ -4,9 +4,9 @@
 and ``report_fragment`` load :mod:`quantaudit.tune.command` on first use.
 """
 
-from .cli import AutotuneSettings as AutotuneSettings
 from .cli import add_autotune_arguments as add_autotune_arguments
 from .cli import run_autotune as run_autotune
+from .settings import AutotuneSettings as AutotuneSettings
 
 _COMMAND_NAMES = {"autotune", "report_fragment"}
 _PLAN_NAMES = {"effective_bits", "plan_units"}
@@ -20,7 +20,7 @@ def __getattr__(name: str):
 
         return getattr(command, name)
     if name in _PLAN_NAMES:
-        from . import plan
+        from ..quant import plan
 
         return getattr(plan, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

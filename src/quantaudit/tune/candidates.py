@@ -2,13 +2,15 @@
 
 ``quantize()`` runs once per format for the whole model; a unit's module in that format is then
 taken from that model and swapped into the baseline to measure a mixed plan, with no further
-quantization. Two approximations, both checked by the final ``quantize(spec with plan)``:
+quantization. Three approximations, all checked by the final ``quantize(spec with plan)``:
 
 * calibration is sequential, so a unit taken from the uniform model was calibrated on the outputs
   of earlier layers quantized in *that* format, not in the plan's formats;
 * a SmoothQuant scale folded into a norm is undone the way the audit's sensitivity does it
-  (:func:`quantaudit.audit.run._sensitivity_swaps`): the swapped linear gets its input divided by
-  the smoothing scale (:class:`~quantaudit.audit.sensitivity.InputScaled`).
+  (:func:`quantaudit.audit.in_memory.sensitivity_swaps`): the swapped linear gets its input divided by
+  the smoothing scale (:class:`~quantaudit.measure.sensitivity.InputScaled`);
+* with ``--kv-cache``, the units are swapped into the 16-bit model with its KV cache quantized, its scales
+  calibrated on that model's own keys and values rather than on the plan's.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..audit.sensitivity import InputScaled, sensitivity_kld, swapped
 from ..data import Windows
+from ..measure.sensitivity import InputScaled, sensitivity_kld, swapped
 from ..quant import QuantizedModel
 from ..quant.engine import LayerRecord
-from .cli import NONE
-from .plan import PlanUnit
+from ..quant.plan import PlanUnit
 from .search import Option
+from .settings import NONE
 
 
 @dataclass

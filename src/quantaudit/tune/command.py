@@ -29,20 +29,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import __version__
-from ..audit.budget import Limit, check_budget
-from ..data import load_windows
 from ..errors import EXIT_BUDGET_FAILED, EXIT_OK, UserError
 from ..evaluate import build_baseline, compare_to_baseline
 from ..fileio import atomic_write_json, atomic_write_text, check_out_dir, output_dir
-from ..models import load_model
+from ..measure.budget import Limit, check_budget
 from ..progress import console
 from ..quant import QuantSpec, quantize
 from ..quant.formats import get_format
-from ..stream.source import check_model_files
+from ..quant.plan import effective_bits, expand_plan, plan_units
+from ..session import open_session
 from .candidates import Candidates
-from .cli import NONE, AutotuneSettings, validate
-from .plan import effective_bits, expand_plan, plan_units
 from .search import Option, Searcher, Trial, greedy_moves, plan_bytes, predicted, search_budget, search_size
+from .settings import NONE, AutotuneSettings, validate
 
 METRIC_KEYS = ("tokens", "ppl_base", "ppl", "ppl_unc", "ppl_ratio", "ppl_ratio_unc", "ln_ppl_ratio", "ln_ppl_ratio_unc",
                "kld", "kld_reverse", "top1", "top1_unc", "delta_p")
@@ -67,13 +65,14 @@ class _Tuner:
 
     def __init__(self, s: AutotuneSettings, limits: list[Limit]):
         self.s, self.limits = s, limits
-        check_model_files(s.model)
-        self.lm = load_model(s.model, device=s.device)
-        self.eval = load_windows(s.eval, self.lm.tokenizer, s.seq_len, s.windows, s.bos)
-        self.calib = load_windows(s.calib, self.lm.tokenizer, s.calib_seq, s.calib_size, s.bos, role="calib")
+        session = open_session(s)
+        self.lm, self.eval, self.calib = session.lm, session.eval, session.calib
         self.baseline = build_baseline(self.lm, self.eval, batch_size=s.batch_size)
         self.units = plan_units(self.lm.model)
         self.params = sum(u.params for u in self.units)
+        # What plans are composed on: the 16-bit model, with its KV cache quantized as --kv-cache says (scales
+        # calibrated on it: the composed estimate's third approximation, see tune.candidates)
+        self.base = self.lm.model if s.kv_cache == "none" else self.quantize(self.spec(NONE)).model
 
     def passes(self, summary: dict) -> bool:
         return not check_budget(summary, self.limits)
@@ -85,7 +84,7 @@ class _Tuner:
         return quantize(self.lm.model, spec, self.calib)
 
     def spec(self, fmt: str, plan: dict[str, str] | None = None) -> QuantSpec:
-        return QuantSpec(format=fmt, group_size=self.s.group_size, plan=plan)
+        return self.s.quant_spec(fmt, plan)
 
     def uniform(self) -> tuple[Candidates, dict[str, dict]]:
         """Quantize and evaluate each format once for the whole model."""
@@ -93,11 +92,11 @@ class _Tuner:
         for fmt in self.s.ladder:
             console.print(f"[bold]{fmt}[/bold]: {get_format(fmt).description}")
             if fmt == NONE:
-                summaries[fmt] = self.evaluate(self.lm.model)
+                summaries[fmt] = self.evaluate(self.base)
                 continue
             models[fmt] = self.quantize(self.spec(fmt))
             summaries[fmt] = self.evaluate(models[fmt].model)
-        return Candidates(self.lm.model, self.units, models), summaries
+        return Candidates(self.base, self.units, models), summaries
 
     def trial_point(self, t: Trial, fixed: int) -> dict:
         linear = plan_bytes(t.plan)
@@ -162,7 +161,7 @@ def _tune(s: AutotuneSettings, tuner: _Tuner, limits: list[Limit], started: floa
 
     def measure(plan: dict[str, Option]) -> dict:
         with cands.composed(plan):
-            return tuner.evaluate(tuner.lm.model)
+            return tuner.evaluate(tuner.base)
 
     searcher = Searcher(measure, tuner.passes if limits else (lambda m: True))
     if s.effective_bits is not None:

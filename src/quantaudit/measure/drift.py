@@ -26,7 +26,7 @@ def _output_tensor(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-class _DriftAccumulator:
+class DriftAccumulator:
     def __init__(self) -> None:
         self.err_sq = 0.0
         self.ref_sq = 0.0
@@ -55,7 +55,7 @@ def layer_drift(base: torch.nn.Module, quant: torch.nn.Module, windows: Windows,
     Returns ``{report_name: {"drift_rel": ..., "cosine": ...}}``.
     """
     device = next(base.parameters()).device
-    acc = {name: _DriftAccumulator() for name in points}
+    acc = {name: DriftAccumulator() for name in points}
     heads = [OutputHead.of(model) for model in (base, quant)]
     at_head = [name for name, path in points.items() if base.get_submodule(path) is base.get_output_embeddings()]
     for i in track(range(windows.n), "layer drift", total=windows.n):

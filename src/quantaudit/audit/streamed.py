@@ -25,8 +25,9 @@ states of every window at the current layer boundary are all that crosses from o
 Same batches, same modules, same per-layer quantization step: the statistics equal the in-memory
 audit's up to float rounding (tests/stream). Memory holds one layer (plus the next being read and one
 quantized copy), the boundary states (1 + formats evaluation streams, the calibration streams), and
-lm_head at the end: it does not grow with depth. Not computed in streaming mode, as the report says:
-per-layer sensitivity, activation outliers, task accuracy.
+lm_head at the end: it does not grow with depth. The activation outliers come from the same pass: each linear's
+input statistics as the full-precision calibration states go through its layer. Not computed in streaming mode,
+as the report says: per-layer sensitivity (each replay needs every later layer) and task accuracy.
 """
 
 from __future__ import annotations
@@ -38,34 +39,36 @@ import time
 from collections import defaultdict
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..arch import Architecture
-from ..audit.drift import _DriftAccumulator
 from ..data import Windows
 from ..errors import UserError
 from ..evaluate import LOGITS_BUDGET_BYTES, auto_batch_size
 from ..logits import WORKING_BYTES, OutputHead
+from ..measure.drift import DriftAccumulator
+from ..measure.outliers import Moments, outlier_report
 from ..memory import available_memory, return_large_frees, trim_heap
 from ..metrics import PairedAccumulator, PerplexityAccumulator, summarize_logits
 from ..models import model_folder
+from ..moe import set_all_tokens
 from ..progress import console, track
-from ..quant.calibrate import LayerInputs, _layer_output, first_layer_inputs
+from ..quant.calibrate import LayerInputs, first_layer_inputs, layer_output
 from ..quant.engine import (
     LayerPlan,
     LayerRecord,
     QuantizedModel,
     QuantSpec,
-    _calib_info,
+    calib_info,
     plan_layers,
     quantize_layer,
 )
 from ..quant.kvcache import KVQuantizer, attach_kv_quantizer
-from .source import CheckpointParts, checkpoint_fp32_bytes
-from .spill import SpillStore
+from ..stream.source import CheckpointParts, checkpoint_fp32_bytes
+from ..stream.spill import SpillStore
+from .measurement import BaselineMeasured, Candidate, Measured, StageClock
 
 NOT_STREAMED = "not computed in streaming mode"
 # An in-memory audit holds the model, its quantized copy (float weights until replaced, then codes and
@@ -153,7 +156,7 @@ def _captured(layer: nn.Module, points: dict[str, str], keep: torch.Tensor | Non
     got: dict[str, torch.Tensor] = {}
 
     def hook(name):
-        return lambda module, args, output: got.__setitem__(name, _layer_output(output)[keep])
+        return lambda module, args, output: got.__setitem__(name, layer_output(output)[keep])
 
     handles = [layer.get_submodule(path).register_forward_hook(hook(name)) for name, path in points.items()]
     try:
@@ -192,7 +195,7 @@ class _Stream:
         for j, (hidden, kwargs) in enumerate(zip(self, self.batches.layer_kwargs[index], strict=True)):
             keep = watch[j] if watch else None
             with _captured(layer, points if keep is not None else {}, keep) as got:
-                out = _layer_output(layer(hidden, **kwargs))
+                out = layer_output(layer(hidden, **kwargs))
             self.store.put((self.name, j), out)
             if keep is not None:
                 seen.append(got)
@@ -214,6 +217,26 @@ def _drift_points(arch: Architecture, index: int, layer: nn.Module) -> dict[str,
     """Where layer drift is measured in decoder layer ``index``, named as ``audit.run`` reports it."""
     paths = (arch.drift_point(p) for g in arch.layer_groups(layer) for p in g.linears)
     return {f"decoder.{index}": "", **{f"model.layers.{index}.{p}": p for p in paths}}
+
+
+@contextmanager
+def _input_moments(layer: nn.Module, index: int, moments: dict[str, Moments] | None):
+    """While the block runs on the calibration states: every linear's input added to its ``moments`` (None: off),
+    MoE experts on every token, as the in-memory outlier audit sees them."""
+    if moments is None:
+        yield
+        return
+    linears = {f"model.layers.{index}.{path}": m for path, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    for name, m in linears.items():
+        moments.setdefault(name, Moments(torch.zeros(m.in_features, device=m.weight.device)))
+    hooks = [m.register_forward_pre_hook(lambda _m, args, s=moments[name]: s.add(args[0])) for name, m in linears.items()]
+    set_all_tokens(layer, True)
+    try:
+        yield
+    finally:
+        set_all_tokens(layer, False)
+        for hook in hooks:
+            hook.remove()
 
 
 def _kv_quantizer(layer: nn.Module, plan: LayerPlan, spec: QuantSpec) -> KVQuantizer | None:
@@ -255,6 +278,7 @@ class StreamedFormat:
 class StreamedAudit:
     baseline: dict  # the baseline's perplexity summary (PerplexityAccumulator)
     formats: dict[str, StreamedFormat]
+    outliers: dict[str, Moments] | None = None  # per linear input, on the calibration windows (measure.outliers)
 
 
 @dataclass
@@ -266,7 +290,7 @@ class _FormatRun:
     eval: _Stream
     calib: _Stream | None  # its own calibration states (sequential algorithms), else the shared full-precision ones
     acc: PairedAccumulator = field(default_factory=PairedAccumulator)
-    drift: dict = field(default_factory=lambda: defaultdict(_DriftAccumulator))
+    drift: dict = field(default_factory=lambda: defaultdict(DriftAccumulator))
     records: dict = field(default_factory=dict)
     kv_scales: dict = field(default_factory=dict)
     quantize_seconds: float = 0.0
@@ -307,16 +331,17 @@ def _plans(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Windows) 
 @torch.no_grad()
 def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Windows, windows: Windows,
                  store: SpillStore, batch_size: int | None = None, top_k: int | None = None, drift_windows: int = 0,
-                 progress: bool = True) -> StreamedAudit:
+                 progress: bool = True, outliers: bool = False) -> StreamedAudit:
     """Quantize the checkpoint to each of ``specs`` and compare each with its baseline on ``windows``,
     reading one decoder layer at a time (see the module docstring). ``top_k``, ``batch_size`` and
-    ``drift_windows`` mean what they mean to the in-memory audit."""
+    ``drift_windows`` mean what they mean to the in-memory audit; with ``outliers``, each linear's input
+    statistics on the full-precision calibration states as they pass (the outlier audit's)."""
     plans = _plans(parts, specs, calib)
     return_large_frees()
     calib_batch = next(iter(specs.values())).calib_batch if specs else 1
     with parts.with_embedding() as front:
         eval_batches, eval_hidden = _layer0(front, windows, batch_size or auto_batch_size(front, windows), cut=True)
-        calibrating = any(plan.calibrating for plan in plans.values())
+        calibrating = outliers or any(plan.calibrating for plan in plans.values())
         calib_batches, calib_hidden = _layer0(front, calib, calib_batch, cut=False) if calibrating else (None, [])
     base = _Stream(store, "eval/baseline", eval_batches, eval_hidden)
     runs = {
@@ -325,11 +350,12 @@ def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Win
                          if plan.calibrating and plan.sequential else None)
         for name, plan in plans.items()
     }
-    needs_shared = any(plan.calibrating and not plan.sequential for plan in plans.values())
+    needs_shared = outliers or any(plan.calibrating and not plan.sequential for plan in plans.values())
     shared = _Stream(store, "calib/full-precision", calib_batches, calib_hidden) if needs_shared else None
     del eval_hidden, calib_hidden
     total_tokens = int(calib.lengths.sum())
     watch = _watched(eval_batches, drift_windows)
+    linear_inputs: dict[str, Moments] = {}
 
     with _threads_within_cpus(), closing(parts.layers()) as layers:
         steps = track(layers, "streaming decoder layers", total=parts.n_layers) if progress else layers
@@ -339,8 +365,9 @@ def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Win
             reference = base.advance(layer, index, points, watch)
             for run in runs.values():
                 run.step(index, layer, shared, more, total_tokens, points, watch, reference)
-            if shared is not None and more:
-                shared.advance(layer, index)
+            if shared is not None and (more or outliers):
+                with _input_moments(layer, index, linear_inputs if outliers else None):
+                    shared.advance(layer, index)
             del layer, reference
             trim_heap()  # the layer's small temporaries would otherwise fragment the heap, which grows with depth
         base_ppl = _final_logits(parts, windows, eval_batches, base, runs, top_k, drift_windows)
@@ -349,12 +376,12 @@ def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Win
     for name, run in runs.items():
         run.records.update((n, _shell(r)) for n, r in run.plan.fallback_records(parts.skeleton).items())
         records = {n: run.records[n] for n in run.plan.assignments}
-        qm = QuantizedModel(parts.skeleton, run.spec, records, run.kv_scales, _calib_info(calib, run.plan.calibrating),
+        qm = QuantizedModel(parts.skeleton, run.spec, records, run.kv_scales, calib_info(calib, run.plan.calibrating),
                             run.quantize_seconds)
         summary = run.acc.summary()  # the seconds are those of this format's layers and logits
         stats = {**summary, "seconds": run.eval_seconds, "tokens_per_s": summary["tokens"] / run.eval_seconds}
         formats[name] = StreamedFormat(qm, stats, {k: a.result() for k, a in run.drift.items()}, run.quantize_seconds)
-    return StreamedAudit(base_ppl.summary(), formats)
+    return StreamedAudit(base_ppl.summary(), formats, linear_inputs if outliers else None)
 
 
 def _final_logits(parts: CheckpointParts, windows: Windows, batches: _Batches, base: _Stream,
@@ -393,52 +420,60 @@ def _final_logits(parts: CheckpointParts, windows: Windows, batches: _Batches, b
     return base_ppl
 
 
-def audit_streamed(settings, inputs, out: Path, limits: list, resume: bool):
-    """``run_audit``'s streamed path: the same entries, from :func:`stream_audit`, for every candidate a
-    previous run in ``out`` did not finish; ``inputs`` (``audit.run.Inputs``) holds the checkpoint parts, texts
-    and candidates the checks read. Returns an ``audit.run.Audited``."""
-    from ..audit.budget import check_budget
-    from ..audit.run import Audited, format_entry, save_entry, saved_entry
+class StreamedExecutor:
+    """Measures every candidate in one layer-by-layer pass over the checkpoint (``inputs``: ``audit.run.Inputs``,
+    whose session holds the checkpoint parts); what needs the whole model at once is reported as not computed."""
 
-    folder, fingerprint = model_folder(settings.model)
-    parts, eval_windows, calib, every = inputs.parts, inputs.eval_windows, inputs.calib, inputs.candidates
-    key = settings.fingerprint()
-    done = {c.name: entry for c in every if resume and (entry := saved_entry(out, c, key)) is not None}
-    todo = [c for c in every if c.name not in done]
-    not_computed = {"outliers": NOT_STREAMED}
-    if settings.sensitivity != "none":
-        not_computed["sensitivity"] = NOT_STREAMED
-    if settings.tasks:
-        not_computed["tasks"] = NOT_STREAMED
-    console.print(f"[bold]streaming[/bold] {parts.n_layers} decoder layers from {folder}; "
-                  f"{', '.join(not_computed)}: {NOT_STREAMED}")
-    free = available_memory()
-    budget = (settings.stream_ram_mb * 2**20 if settings.stream_ram_mb is not None
-              else (free if free is not None else 4 * 2**30) // DEFAULT_RAM_SHARE)
-    with SpillStore(budget) as store:
-        streamed = stream_audit(parts, {c.name: c.spec for c in todo}, calib, eval_windows, store,
-                                settings.batch_size, settings.top_k, settings.drift_windows)
-        spilled = store.spilled_bytes
-    for candidate in todo:
-        result = streamed.formats[candidate.name]
-        entry = format_entry(candidate, settings, result.qm, result.stats, result.quantize_seconds, result.drift, {})
-        entry["not_computed"] = {k: v for k, v in not_computed.items() if k != "outliers"}
-        entry["failed"] = check_budget(entry, limits)
-        entry["passed"] = not entry["failed"]
-        save_entry(out, entry, key)
-        done[candidate.name] = entry
-    unquantized = QuantizedModel(parts.skeleton, QuantSpec(format="none"),
-                                 plan_layers(parts.skeleton, QuantSpec(format="none"), None).fallback_records(parts.skeleton),
-                                 {}, {}, 0.0)
-    model = {"name": settings.model, "source": str(folder), "fingerprint": fingerprint,
-             "architecture": type(parts.skeleton).__name__,
-             "params": sum(p.numel() for p in parts.skeleton.parameters()),
-             "decoder_layers": parts.n_layers, "linear_layers": len(unquantized.layers)}
-    vocab = parts.skeleton.get_output_embeddings().weight.shape[0]
-    streaming = {"mode": settings.streaming, "not_computed": not_computed, "ram_budget_bytes": budget,
-                 "spilled_bytes": spilled, "fp32_weight_bytes": parts.fp32_bytes(), "torch_threads": torch.get_num_threads()}
-    return Audited(model, eval_windows, calib,
-                   {**streamed.baseline, "weight_bytes": unquantized.weight_bytes(),
-                    "kv_bytes_per_token": unquantized.kv_bytes_per_token()},
-                   None if settings.top_k is None or settings.top_k >= vocab else settings.top_k,
-                   [done[c.name] for c in every], [], None, streaming)
+    def __init__(self, settings, inputs):
+        self.settings, self.inputs = settings, inputs
+        self._baseline: BaselineMeasured | None = None
+
+    def not_computed(self) -> dict[str, str]:
+        s, out = self.settings, {}
+        if s.sensitivity != "none":
+            out["sensitivity"] = NOT_STREAMED
+        if s.tasks:
+            out["tasks"] = NOT_STREAMED
+        return out
+
+    def measure(self, todo: list[Candidate]):
+        s, session = self.settings, self.inputs.session
+        parts = session.parts
+        folder, fingerprint = model_folder(s.model)
+        not_computed = self.not_computed()
+        console.print(f"[bold]streaming[/bold] {parts.n_layers} decoder layers from {folder}"
+                      + (f"; {', '.join(not_computed)}: {NOT_STREAMED}" if not_computed else ""))
+        free = available_memory()
+        budget = (s.stream_ram_mb * 2**20 if s.stream_ram_mb is not None
+                  else (free if free is not None else 4 * 2**30) // DEFAULT_RAM_SHARE)
+        clock = StageClock()
+        with clock("stream"), SpillStore(budget) as store:
+            streamed = stream_audit(parts, {c.name: c.spec for c in todo}, session.calib, session.eval, store,
+                                    s.batch_size, s.top_k, s.drift_windows, outliers=True)
+            spilled = store.spilled_bytes
+        none = QuantSpec(format="none")
+        unquantized = QuantizedModel(parts.skeleton, none, plan_layers(parts.skeleton, none, None).fallback_records(
+            parts.skeleton), {}, {}, 0.0)
+        linears = [n for n in unquantized.layers if isinstance(parts.skeleton.get_submodule(n), nn.Linear)]
+        model = {"name": s.model, "source": str(folder), "fingerprint": fingerprint,
+                 "architecture": type(parts.skeleton).__name__,
+                 "params": sum(p.numel() for p in parts.skeleton.parameters()),
+                 "decoder_layers": parts.n_layers, "linear_layers": len(unquantized.layers)}
+        vocab = parts.skeleton.get_output_embeddings().weight.shape[0]
+        streaming = {"mode": s.streaming, "not_computed": not_computed, "ram_budget_bytes": budget,
+                     "spilled_bytes": spilled, "fp32_weight_bytes": parts.fp32_bytes(),
+                     "torch_threads": torch.get_num_threads()}
+        outliers = outlier_report(parts.skeleton, {n: streamed.outliers[n] for n in linears if n in streamed.outliers})
+        self._baseline = BaselineMeasured(
+            model, streamed.baseline, unquantized.weight_bytes(), unquantized.kv_bytes_per_token(),
+            None if s.top_k is None or s.top_k >= vocab else s.top_k, outliers, streaming=streaming,
+            seconds=clock.seconds)
+        for candidate in todo:
+            result = streamed.formats[candidate.name]
+            yield Measured.of(candidate, result.qm, stats=result.stats, drift=result.drift,
+                              not_computed=not_computed,
+                              seconds={"quantize": result.quantize_seconds, "evaluate": result.stats["seconds"]})
+
+    def baseline(self) -> BaselineMeasured:
+        """After :meth:`measure`: the baseline's measurements."""
+        return self._baseline

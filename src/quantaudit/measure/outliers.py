@@ -38,7 +38,7 @@ TOP_CHANNELS = 8
 
 
 @dataclass
-class _Moments:
+class Moments:
     channel_max: torch.Tensor
     count: int = 0
     sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
@@ -79,9 +79,8 @@ def _remedy(smoothable: bool, ratio: float) -> tuple[str, str]:
 def activation_outliers(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], calib: Windows,
                         batch_size: int = 4) -> list[dict]:
     """Per-linear-input outlier statistics on ``calib``, worst (highest ratio) first."""
-    arch = architecture(model)
     device = next(model.parameters()).device
-    stats = {name: _Moments(torch.zeros(m.in_features, device=device)) for name, m in linears.items()}
+    stats = {name: Moments(torch.zeros(m.in_features, device=device)) for name, m in linears.items()}
     hooks = [
         m.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0]))
         for name, m in linears.items()
@@ -96,6 +95,12 @@ def activation_outliers(model: torch.nn.Module, linears: dict[str, torch.nn.Line
         set_all_tokens(model, False)
         for h in hooks:
             h.remove()
+    return outlier_report(model, stats)
+
+
+def outlier_report(model: torch.nn.Module, stats: dict[str, Moments]) -> list[dict]:
+    """Per-linear-input outlier statistics from each input's ``Moments``, worst (highest ratio) first."""
+    arch = architecture(model)
     report = []
     for name, s in stats.items():
         cmax = s.channel_max.float().cpu()
