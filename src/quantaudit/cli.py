@@ -171,14 +171,14 @@ def cmd_audit(args) -> int:
 
     from .audit.run import run_audit
     from .audit.settings import AuditSettings
-    from .report.terminal import audit_table, generation_table
+    from .report.terminal import audit_table, generation_table, timing_table
 
     settings = AuditSettings.from_args(args)
     report = run_audit(settings, Path(args.out), force=args.force, resume=args.resume)
     console.print(audit_table(report))
-    generation = generation_table(report)
-    if generation is not None:
-        console.print(generation)
+    for table in (generation_table(report), timing_table(report)):
+        if table is not None:
+            console.print(table)
     rec = report["recommendation"]
     console.print(("[green]" if rec["passed"] else "[red]") + rec["reason"])
     console.print(f"reports: {args.out}/report.html, report.md, report.json")

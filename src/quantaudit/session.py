@@ -284,6 +284,13 @@ class Session:
         """The model in memory, or the meta-device skeleton of the streamed one (names and shapes only)."""
         return self.lm.model if self.lm is not None else self.parts.skeleton
 
+    def check_spec(self, spec) -> None:
+        """What quantizing with ``spec`` would refuse on this model (a plan naming an excluded layer, a KV-cache
+        format the head size cannot take, ...), refused now, before any output is touched."""
+        from .quant.engine import plan_layers
+
+        plan_layers(self.model, spec, self.calib)
+
 
 def open_session(settings: QuantSettings, streamed: bool = False) -> Session:
     """Read the model and the texts ``settings`` name (``streamed``: only the checkpoint's skeleton, its layers

@@ -68,7 +68,7 @@ class InMemoryExecutor:
         """The shared measurements, then each candidate of ``todo`` in turn."""
         s, lm, inputs = self.settings, self.lm, self.inputs
         clock = StageClock()
-        with clock("baseline"):
+        with clock("logits"):
             self.cache = build_baseline(lm, inputs.session.eval, k=s.top_k, batch_size=s.batch_size)
         unquantized = quantize(lm.model, QuantSpec(format="none"), None, progress=False)
         linears = {name: lm.model.get_submodule(name) for name in unquantized.layers}

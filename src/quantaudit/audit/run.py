@@ -171,7 +171,10 @@ def check_inputs(settings: AuditSettings, streamed: bool) -> Inputs:
             raise UserError("--generate needs the whole model in memory, but this model is audited layer by layer "
                             "(--streaming auto found too little memory); drop --generate or free memory")
         prompts = prompt_set(settings.generate, session.tokenizer, settings.chat_template, settings.max_new_tokens)
-    return Inputs(session, tasks, candidates(settings, session.model), prompts)
+    found = candidates(settings, session.model)
+    for candidate in found:
+        session.check_spec(candidate.spec)
+    return Inputs(session, tasks, found, prompts)
 
 
 def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: bool = False) -> dict:

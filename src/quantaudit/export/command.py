@@ -79,6 +79,7 @@ def run_export(args: argparse.Namespace) -> int:
         check_trtllm_kv(args.kv_cache, args.kv_scales)
     spec = quant.quant_spec(fmt, plan)
     session = open_session(quant)
+    session.check_spec(spec)
     lm = session.lm
     if mixed:
         check_layers(mixed, lm.model, f"plan file {args.plan}")

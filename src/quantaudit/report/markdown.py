@@ -308,6 +308,30 @@ def generation_rows(report: dict) -> list[list[str]]:
     return rows
 
 
+TIMING_STAGES = ("quantize", "evaluate", "drift", "sensitivity", "tasks", "generation")
+
+
+def timing_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Where the audit's time went (``report["timings"]``): headers, then a row for the shared baseline work and
+    one per format, seconds per stage (empty without timings, e.g. a report from an older version)."""
+    timings = report.get("timings")
+    if not timings:
+        return [], []
+    per_format = timings.get("format_seconds") or {}
+    stages = [s for s in TIMING_STAGES if any(s in t for t in per_format.values())]
+    base = timings.get("baseline_seconds") or {}
+    headers = ["part", *stages, "total s"]
+    rows = [["baseline: " + ", ".join(f"{k} {v:.1f}" for k, v in base.items()), *[DASH] * len(stages),
+             f"{sum(base.values()):.1f}"]]
+    for name, seconds in per_format.items():
+        rows.append([name, *(f"{seconds[s]:.1f}" if s in seconds else DASH for s in stages),
+                     f"{sum(seconds.get(s, 0.0) for s in TIMING_STAGES):.1f}"])
+    if "total_seconds" in timings:
+        rows.append(["whole run (reports: " + f"{timings.get('report_seconds', 0.0):.1f} s)", *[DASH] * len(stages),
+                     f"{timings['total_seconds']:.1f}"])
+    return headers, rows
+
+
 def _generation_md(report: dict) -> list[str]:
     rows = generation_rows(report)
     if not rows:
@@ -362,5 +386,9 @@ def render_markdown(report: dict) -> str:
     out += _generation_md(report)
     out += _outliers_md(report)
     out += _generic_md("Tasks", report.get("tasks"))
+    headers, rows = timing_rows(report)
+    if rows:
+        out += ["## Where the time went", "", "Seconds per stage; a resumed format keeps the times of the run that "
+                "measured it.", "", table(headers, [list(map(cell, r)) for r in rows]), ""]
     out += _generic_md("Advice", report.get("advice"))
     return "\n".join(out).rstrip() + "\n"

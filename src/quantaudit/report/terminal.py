@@ -99,6 +99,21 @@ def audit_table(report: dict) -> Table:
     return table
 
 
+def timing_table(report: dict) -> Table | None:
+    """Seconds per stage of the audit (report.markdown.timing_rows), or None without timings."""
+    from .markdown import timing_rows
+
+    headers, rows = timing_rows(report)
+    if not rows:
+        return None
+    table = Table(title="where the time went (seconds)")
+    for col in headers:
+        table.add_column(col, justify="left" if col == "part" else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def generation_table(report: dict) -> Table | None:
     """--generate results (report.markdown.generation_rows), or None without them."""
     from .markdown import GENERATION_HEADERS, generation_rows
