@@ -79,11 +79,11 @@ def run_export(args: argparse.Namespace) -> int:
         check_trtllm_kv(args.kv_cache, args.kv_scales)
     spec = quant.quant_spec(fmt, plan)
     session = open_session(quant)
-    session.check_spec(spec)
     lm = session.lm
     if mixed:
         check_layers(mixed, lm.model, f"plan file {args.plan}")
         check_fused_plan(mixed.layers, fmt, lm.model, f"plan file {args.plan}")
+    session.check_spec(spec)
     settings = BuildSettings(args.max_batch_size, args.max_input_len, args.max_output_len)
     if args.target == "trtllm":
         check_trtllm_request(lm.config, args.tp, settings.max_seq_len, {fmt, *(plan or {}).values()})
