@@ -172,6 +172,12 @@ def test_audit_in_memory_and_streamed(name, tiny_model_dir, shared_dir, tmp_path
     assert kld["int4_awq"] > kld["int8_wo"] and kld["int4_gptq"] > kld["int8_wo"], kld
     for entry in streamed["formats"]:
         assert entry["kld"]["mean"] == pytest.approx(kld[entry["name"]], rel=REL), entry["name"]
+    # the outlier audit, streamed from the calibration states (MoE experts on every token, as in memory)
+    outliers = {o["name"]: o for o in in_memory["outliers"]}
+    assert outliers and {o["name"] for o in streamed["outliers"]} == set(outliers)
+    for o in streamed["outliers"]:
+        assert o["max_abs"] == pytest.approx(outliers[o["name"]]["max_abs"], rel=REL), o["name"]
+        assert o["ratio"] == pytest.approx(outliers[o["name"]]["ratio"], rel=REL), o["name"]
     sensitivity = in_memory["formats"][0].get("decoder_sensitivity") or {}
     assert all(v >= 0 for v in sensitivity.values())
 

@@ -6,6 +6,7 @@ import json
 import tempfile
 
 import pytest
+import torch
 
 from quantaudit.audit import streamed as stream_module
 from quantaudit.audit.run import run_audit
@@ -137,3 +138,63 @@ def test_bad_streaming_flags_are_refused(stories_dir, text, tmp_path, capsys):
 
     with pytest.raises(UserError, match="--stream-ram"):
         validate(_settings(stories_dir, text, stream_ram_mb=-1))
+
+
+def test_streamed_audit_scores_multiple_choice_tasks_as_the_in_memory_one(stories_dir, text, private_dirs):
+    """Task items are extra windows carried through the same layer-by-layer pass: the same choices, log-likelihoods
+    and paired comparisons as the in-memory scorer; a generation task, which needs the whole model per new token,
+    is named as not computed."""
+    items = [
+        {"context": "Once upon a time, there was a little girl named", "choices": ["Lily.", "table.", "blue."], "answer": 0},
+        {"context": "The cat was hungry, so it wanted to eat some", "choices": ["rocks.", "food."], "answer": 1},
+        {"context": "One day, Ben went to the park to play with his", "choices": ["friends.", "sky.", "loud."], "answer": 0},
+        {"context": "The sun was shining and the birds were", "choices": ["singing.", "eating the house."], "answer": 0},
+    ]
+    choice = private_dirs / "choice.jsonl"
+    choice.write_text("".join(json.dumps(item) + "\n" for item in items))
+    generation = private_dirs / "generation.jsonl"
+    generation.write_text(json.dumps({"prompt": "Once upon a time, there was a little", "answer": "girl"}) + "\n")
+    common = dict(formats=["int8_wo", "int4_gptq"], sensitivity="none", drift_windows=0)
+    streamed = run_audit(_settings(stories_dir, text, streaming="on", tasks=[str(choice)], **common),
+                         private_dirs / "streamed")
+    in_memory = run_audit(_settings(stories_dir, text, streaming="off", tasks=[str(choice)], **common),
+                          private_dirs / "in-memory")
+    assert "tasks" not in streamed["streaming"]["not_computed"]
+    assert streamed["tasks"] == in_memory["tasks"]  # acc, acc_norm, stderr, n, bos: the baseline's summary
+    for s, m in zip(streamed["formats"], in_memory["formats"], strict=True):
+        assert len(s["tasks"]) == 1
+        got, want = s["tasks"][0], m["tasks"][0]
+        assert got == want, (got, want)  # the paired comparison: acc, recovery, flips, McNemar, bootstrap
+        assert s["tasks_summary"] == m["tasks_summary"]
+    both = run_audit(_settings(stories_dir, text, streaming="on", tasks=[str(choice), str(generation)], **common),
+                     private_dirs / "both")
+    reason = both["streaming"]["not_computed"]["tasks"]
+    assert str(generation) in reason and str(choice) not in reason
+    assert [t["task"] for t in both["formats"][0]["tasks"]] == [str(choice)]
+
+
+def test_streamed_continuation_logprobs_equal_the_in_memory_scorer(stories, stories_dir, calib, eval_windows):
+    """stream_audit's task sequences: each continuation's summed log-prob, in the baseline and a format, equals
+    tasks.scoring.score_sequences on the model in memory (and on the quantized model)."""
+    from quantaudit.data import Windows
+    from quantaudit.quant import QuantSpec, quantize
+    from quantaudit.stream.source import CheckpointParts
+    from quantaudit.stream.spill import SpillStore
+    from quantaudit.tasks.scoring import score_sequences
+
+    seqs = [[1, 403, 407, 261, 378, 383, 286, 261], [1, 465, 441, 431, 302], [1, 286, 261, 376, 268, 414, 422]]
+    conts = [3, 2, 4]
+    ids = torch.zeros(3, 8, dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)] = torch.tensor(seq)
+    windows = Windows(ids, torch.tensor([len(s) for s in seqs]), "items", "doc", 20)
+    spec = QuantSpec(format="int8_wo")
+    with SpillStore(2**30) as store:
+        result = stream_module.stream_audit(CheckpointParts(stories_dir), {"int8_wo": spec}, calib, eval_windows,
+                                            store, progress=False, sequences=windows,
+                                            continuation_lengths=torch.tensor(conts))
+    want_base = score_sequences(stories.model, seqs, conts, batch_size=2)
+    want_quant = score_sequences(quantize(stories.model, spec, calib, progress=False).model, seqs, conts, batch_size=2)
+    assert torch.allclose(result.continuation_logprobs["baseline"], want_base, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(result.continuation_logprobs["int8_wo"], want_quant, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(want_base, want_quant, rtol=1e-7, atol=0)  # the format changed them

@@ -26,8 +26,11 @@ Same batches, same modules, same per-layer quantization step: the statistics equ
 audit's up to float rounding (tests/stream). Memory holds one layer (plus the next being read and one
 quantized copy), the boundary states (1 + formats evaluation streams, the calibration streams), and
 lm_head at the end: it does not grow with depth. The activation outliers come from the same pass: each linear's
-input statistics as the full-precision calibration states go through its layer. Not computed in streaming mode,
-as the report says: per-layer sensitivity (each replay needs every later layer) and task accuracy.
+input statistics as the full-precision calibration states go through its layer. So do multiple-choice task items:
+every (item, choice) sequence is one more window, in the baseline's stream and in every format's, and the final
+stage sums each continuation's log-probs as ``tasks.scoring.score_sequences`` does in memory. Not computed in
+streaming mode, as the report says: per-layer sensitivity (each replay needs every later layer at once),
+generation tasks (every new token needs the whole model) and lm-eval tasks (lm-eval runs the model itself).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import torch
 from torch import nn
 
 from ..arch import Architecture
-from ..data import Windows
+from ..data import Windows, resolve_bos
 from ..errors import UserError
 from ..evaluate import LOGITS_BUDGET_BYTES, auto_batch_size
 from ..logits import WORKING_BYTES, OutputHead
@@ -68,6 +71,9 @@ from ..quant.engine import (
 from ..quant.kvcache import KVQuantizer, attach_kv_quantizer
 from ..stream.source import CheckpointParts, checkpoint_fp32_bytes
 from ..stream.spill import SpillStore
+from ..tasks import compare_task_results
+from ..tasks.readers import MULTIPLE_CHOICE, Task
+from ..tasks.scoring import choice_sequences, choose, task_result
 from .measurement import BaselineMeasured, Candidate, Measured, StageClock
 
 NOT_STREAMED = "not computed in streaming mode"
@@ -239,6 +245,12 @@ def _input_moments(layer: nn.Module, index: int, moments: dict[str, Moments] | N
             hook.remove()
 
 
+def _streamable(task) -> bool:
+    """A task whose items a layer-by-layer pass can score: multiple choice from a task file (not generation, whose
+    every new token needs the whole model, nor lm-eval, which runs the model itself)."""
+    return isinstance(task, Task) and task.kind == MULTIPLE_CHOICE
+
+
 def _kv_quantizer(layer: nn.Module, plan: LayerPlan, spec: QuantSpec) -> KVQuantizer | None:
     """``kvcache.install_kv_quantizers`` for one layer copy, whose attention has its own (deep-copied) config."""
     if not plan.kv_format.kind:
@@ -270,8 +282,9 @@ def _shell(record: LayerRecord) -> LayerRecord:
 class StreamedFormat:
     qm: QuantizedModel  # records and byte counts; its model is the meta-device skeleton (shapes only)
     stats: dict  # as evaluate.compare_to_baseline: PairedAccumulator.summary(), seconds, tokens_per_s
-    drift: dict  # as audit.drift.layer_drift: {point: {"drift_rel", "cosine"}}
+    drift: dict  # as measure.drift.layer_drift: {point: {"drift_rel", "cosine"}}
     quantize_seconds: float
+    tasks_seconds: float = 0.0
 
 
 @dataclass
@@ -279,6 +292,8 @@ class StreamedAudit:
     baseline: dict  # the baseline's perplexity summary (PerplexityAccumulator)
     formats: dict[str, StreamedFormat]
     outliers: dict[str, Moments] | None = None  # per linear input, on the calibration windows (measure.outliers)
+    # per scored sequence (stream_audit's ``sequences``), its continuation's summed log-prob: "baseline" and each format
+    continuation_logprobs: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -289,12 +304,14 @@ class _FormatRun:
     plan: LayerPlan
     eval: _Stream
     calib: _Stream | None  # its own calibration states (sequential algorithms), else the shared full-precision ones
+    sequences: _Stream | None = None  # the task sequences scored by their continuations (stream_audit's ``sequences``)
     acc: PairedAccumulator = field(default_factory=PairedAccumulator)
     drift: dict = field(default_factory=lambda: defaultdict(DriftAccumulator))
     records: dict = field(default_factory=dict)
     kv_scales: dict = field(default_factory=dict)
     quantize_seconds: float = 0.0
     eval_seconds: float = 0.0
+    tasks_seconds: float = 0.0
 
     def step(self, index: int, layer: nn.Module, shared: _Stream | None, more: bool, total_tokens: int,
              points: dict[str, str] | None, watch, reference: list[dict]) -> None:
@@ -315,6 +332,10 @@ class _FormatRun:
             for name, value in got.items():
                 self.drift[name].add(value, ref[name])
         self.eval_seconds += time.perf_counter() - started
+        if self.sequences is not None:
+            started = time.perf_counter()
+            self.sequences.advance(qlayer, index)
+            self.tasks_seconds += time.perf_counter() - started
 
 
 def _plans(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Windows) -> dict[str, LayerPlan]:
@@ -331,11 +352,15 @@ def _plans(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Windows) 
 @torch.no_grad()
 def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Windows, windows: Windows,
                  store: SpillStore, batch_size: int | None = None, top_k: int | None = None, drift_windows: int = 0,
-                 progress: bool = True, outliers: bool = False) -> StreamedAudit:
+                 progress: bool = True, outliers: bool = False, sequences: Windows | None = None,
+                 continuation_lengths: torch.Tensor | None = None) -> StreamedAudit:
     """Quantize the checkpoint to each of ``specs`` and compare each with its baseline on ``windows``,
     reading one decoder layer at a time (see the module docstring). ``top_k``, ``batch_size`` and
     ``drift_windows`` mean what they mean to the in-memory audit; with ``outliers``, each linear's input
-    statistics on the full-precision calibration states as they pass (the outlier audit's)."""
+    statistics on the full-precision calibration states as they pass (the outlier audit's). ``sequences``
+    (windows, each a whole token sequence) go through the same layers, in the baseline and in every format,
+    and the summed log-prob of each one's last ``continuation_lengths[i]`` tokens comes back: the task items'
+    log-likelihoods, as :func:`quantaudit.tasks.scoring.score_sequences` computes them in memory."""
     plans = _plans(parts, specs, calib)
     return_large_frees()
     calib_batch = next(iter(specs.values())).calib_batch if specs else 1
@@ -343,16 +368,22 @@ def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Win
         eval_batches, eval_hidden = _layer0(front, windows, batch_size or auto_batch_size(front, windows), cut=True)
         calibrating = outliers or any(plan.calibrating for plan in plans.values())
         calib_batches, calib_hidden = _layer0(front, calib, calib_batch, cut=False) if calibrating else (None, [])
+        seq_batches, seq_hidden = (_layer0(front, sequences, batch_size or auto_batch_size(front, sequences), cut=True)
+                                   if sequences is not None else (None, []))
     base = _Stream(store, "eval/baseline", eval_batches, eval_hidden)
+    seq_base = _Stream(store, "tasks/baseline", seq_batches, seq_hidden) if sequences is not None else None
     runs = {
         name: _FormatRun(specs[name], plan, _Stream(store, f"eval/{name}", eval_batches, eval_hidden),
                          _Stream(store, f"calib/{name}", calib_batches, calib_hidden)
                          if plan.calibrating and plan.sequential else None)
         for name, plan in plans.items()
     }
+    if sequences is not None:
+        for name, run in runs.items():
+            run.sequences = _Stream(store, f"tasks/{name}", seq_batches, seq_hidden)
     needs_shared = outliers or any(plan.calibrating and not plan.sequential for plan in plans.values())
     shared = _Stream(store, "calib/full-precision", calib_batches, calib_hidden) if needs_shared else None
-    del eval_hidden, calib_hidden
+    del eval_hidden, calib_hidden, seq_hidden
     total_tokens = int(calib.lengths.sum())
     watch = _watched(eval_batches, drift_windows)
     linear_inputs: dict[str, Moments] = {}
@@ -363,6 +394,8 @@ def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Win
             more = index + 1 < parts.n_layers
             points = _drift_points(parts.arch, index, layer) if watch else None
             reference = base.advance(layer, index, points, watch)
+            if seq_base is not None:
+                seq_base.advance(layer, index)
             for run in runs.values():
                 run.step(index, layer, shared, more, total_tokens, points, watch, reference)
             if shared is not None and (more or outliers):
@@ -371,6 +404,13 @@ def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Win
             del layer, reference
             trim_heap()  # the layer's small temporaries would otherwise fragment the heap, which grows with depth
         base_ppl = _final_logits(parts, windows, eval_batches, base, runs, top_k, drift_windows)
+        continuations = None
+        if sequences is not None:
+            continuations = {"baseline": _continuation_logprobs(parts, sequences, continuation_lengths, seq_base)}
+            for name, run in runs.items():
+                started = time.perf_counter()
+                continuations[name] = _continuation_logprobs(parts, sequences, continuation_lengths, run.sequences)
+                run.tasks_seconds += time.perf_counter() - started
 
     formats = {}
     for name, run in runs.items():
@@ -380,8 +420,29 @@ def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Win
                             run.quantize_seconds)
         summary = run.acc.summary()  # the seconds are those of this format's layers and logits
         stats = {**summary, "seconds": run.eval_seconds, "tokens_per_s": summary["tokens"] / run.eval_seconds}
-        formats[name] = StreamedFormat(qm, stats, {k: a.result() for k, a in run.drift.items()}, run.quantize_seconds)
-    return StreamedAudit(base_ppl.summary(), formats, linear_inputs if outliers else None)
+        formats[name] = StreamedFormat(qm, stats, {k: a.result() for k, a in run.drift.items()}, run.quantize_seconds,
+                                       run.tasks_seconds)
+    return StreamedAudit(base_ppl.summary(), formats, linear_inputs if outliers else None, continuations)
+
+
+def _continuation_logprobs(parts: CheckpointParts, sequences: Windows, continuation_lengths: torch.Tensor,
+                           stream: _Stream) -> torch.Tensor:
+    """Final norm and lm_head on one stream of ``sequences``: each sequence's summed log-prob (float64) of its last
+    ``continuation_lengths[i]`` tokens given the ones before, as ``tasks.scoring.score_sequences`` sums them."""
+    norm = parts.final_norm()
+    head = OutputHead.from_weight(parts.lm_head_weight(), None, parts.config)
+    totals = torch.zeros(sequences.n, dtype=torch.float64)
+    for part, hidden in zip(stream.batches.parts, stream.drain()):
+        last = norm(hidden)
+        for row, i in enumerate(range(part.start, part.stop)):
+            length, cont = int(sequences.lengths[i]), int(continuation_lengths[i])
+            # input position t predicts token t + 1: the continuation's tokens are predicted at L-1-c .. L-2
+            picked = last[row, length - 1 - cont : length - 1]
+            targets = sequences.ids[i, length - cont : length].to(picked.device)
+            token_lp = torch.cat([logits.log_softmax(-1).gather(1, targets[rows, None]).squeeze(1)
+                                  for rows, logits in head.chunks(picked)])
+            totals[i] = token_lp.double().sum().cpu()
+    return totals
 
 
 def _final_logits(parts: CheckpointParts, windows: Windows, batches: _Batches, base: _Stream,
@@ -432,9 +493,46 @@ class StreamedExecutor:
         s, out = self.settings, {}
         if s.sensitivity != "none":
             out["sensitivity"] = NOT_STREAMED
-        if s.tasks:
-            out["tasks"] = NOT_STREAMED
+        others = [task.name if isinstance(task, Task) else "lm_eval:" + ",".join(task.names)
+                  for task in self.inputs.tasks if not _streamable(task)]
+        if others:
+            out["tasks"] = (f"{NOT_STREAMED} for {', '.join(others)}: generation and lm-eval run the whole model "
+                            "per token or per request (multiple-choice task files are scored)")
         return out
+
+    def _sequences(self) -> tuple[list, Windows | None, torch.Tensor | None, torch.Tensor | None]:
+        """The multiple-choice tasks' (item, choice) sequences as one window set, longest first (how they batch
+        best), their continuation lengths, and each sequence's place in :func:`choice_sequences`' order."""
+        session = self.inputs.session
+        tasks = [task for task in self.inputs.tasks if _streamable(task)]
+        if not tasks:
+            return [], None, None, None
+        bos = resolve_bos(session.tokenizer, self.settings.bos)
+        max_positions = getattr(session.parts.config, "max_position_embeddings", None)
+        seqs, conts = [], []
+        for task in tasks:
+            task_seqs, task_conts = choice_sequences(task, session.tokenizer, bos, max_positions)
+            seqs += task_seqs
+            conts += task_conts
+        order = torch.tensor(sorted(range(len(seqs)), key=lambda i: -len(seqs[i])))
+        ids = torch.zeros(len(seqs), len(seqs[order[0]]), dtype=torch.long)
+        for row, i in enumerate(order.tolist()):
+            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+        lengths = torch.tensor([len(seqs[i]) for i in order.tolist()])
+        windows = Windows(ids, lengths, "task items", bos, int(lengths.sum()))
+        return tasks, windows, torch.tensor(conts)[order], order
+
+    def _task_results(self, tasks: list, order: torch.Tensor, logprobs: torch.Tensor) -> list:
+        """Per task, its result from the sequences' log-likelihoods (in the executor's order, ``order`` maps back)."""
+        flat = torch.empty_like(logprobs)
+        flat[order] = logprobs
+        bos = resolve_bos(self.inputs.session.tokenizer, self.settings.bos)
+        results, start = [], 0
+        for task in tasks:
+            n = sum(len(item.choices) for item in task.items)
+            results.append(task_result(task, bos, *choose(task, flat[start : start + n].tolist()), {"batch_size": "auto"}))
+            start += n
+        return results
 
     def measure(self, todo: list[Candidate]):
         s, session = self.settings, self.inputs.session
@@ -447,10 +545,13 @@ class StreamedExecutor:
         budget = (s.stream_ram_mb * 2**20 if s.stream_ram_mb is not None
                   else (free if free is not None else 4 * 2**30) // DEFAULT_RAM_SHARE)
         clock = StageClock()
+        tasks, sequences, continuation_lengths, order = self._sequences()
         with clock("stream"), SpillStore(budget) as store:
             streamed = stream_audit(parts, {c.name: c.spec for c in todo}, session.calib, session.eval, store,
-                                    s.batch_size, s.top_k, s.drift_windows, outliers=True)
+                                    s.batch_size, s.top_k, s.drift_windows, outliers=True, sequences=sequences,
+                                    continuation_lengths=continuation_lengths)
             spilled = store.spilled_bytes
+        base_tasks = self._task_results(tasks, order, streamed.continuation_logprobs["baseline"]) if tasks else []
         none = QuantSpec(format="none")
         unquantized = QuantizedModel(parts.skeleton, none, plan_layers(parts.skeleton, none, None).fallback_records(
             parts.skeleton), {}, {}, 0.0)
@@ -466,13 +567,18 @@ class StreamedExecutor:
         outliers = outlier_report(parts.skeleton, {n: streamed.outliers[n] for n in linears if n in streamed.outliers})
         self._baseline = BaselineMeasured(
             model, streamed.baseline, unquantized.weight_bytes(), unquantized.kv_bytes_per_token(),
-            None if s.top_k is None or s.top_k >= vocab else s.top_k, outliers, streaming=streaming,
-            seconds=clock.seconds)
+            None if s.top_k is None or s.top_k >= vocab else s.top_k, outliers,
+            {r.task: r.summary for r in base_tasks} if tasks else None, streaming=streaming, seconds=clock.seconds)
         for candidate in todo:
             result = streamed.formats[candidate.name]
-            yield Measured.of(candidate, result.qm, stats=result.stats, drift=result.drift,
-                              not_computed=not_computed,
-                              seconds={"quantize": result.quantize_seconds, "evaluate": result.stats["seconds"]})
+            seconds = {"quantize": result.quantize_seconds, "evaluate": result.stats["seconds"]}
+            comparisons = None
+            if tasks:
+                results = self._task_results(tasks, order, streamed.continuation_logprobs[candidate.name])
+                comparisons = [compare_task_results(b, c) for b, c in zip(base_tasks, results)]
+                seconds["tasks"] = result.tasks_seconds
+            yield Measured.of(candidate, result.qm, stats=result.stats, drift=result.drift, tasks=comparisons,
+                              not_computed=not_computed, seconds=seconds)
 
     def baseline(self) -> BaselineMeasured:
         """After :meth:`measure`: the baseline's measurements."""

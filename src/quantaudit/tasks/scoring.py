@@ -151,6 +151,12 @@ def score_sequences(model, seqs: list[list[int]], cont_lens: list[int], batch_si
 def _evaluate_multiple_choice(model, tokenizer, task: Task, bos: str, batch_size: int, **_):
     seqs, cont_lens = choice_sequences(task, tokenizer, bos, _max_positions(model))
     flat = score_sequences(model, seqs, cont_lens, batch_size, f"{task.name}: scoring").tolist()
+    return (*choose(task, flat), {"batch_size": batch_size or "auto"})
+
+
+def choose(task: Task, flat: list[float]):
+    """acc's and acc_norm's choices from every (item, choice) log-likelihood, item-major as
+    :func:`choice_sequences` orders them: (correct, correct_norm, predictions, per-item log-likelihoods)."""
     lls, correct, correct_norm, predictions, start = [], [], [], [], 0
     for it in task.items:
         item_lls = flat[start : start + len(it.choices)]
@@ -161,7 +167,7 @@ def _evaluate_multiple_choice(model, tokenizer, task: Task, bos: str, batch_size
         predictions.append(pred)
         correct.append(pred == it.answer)
         correct_norm.append(pred_norm == it.answer)
-    return correct, correct_norm, predictions, lls, {"batch_size": batch_size or "auto"}
+    return correct, correct_norm, predictions, lls
 
 
 def _evaluate_generation(model, tokenizer, task: Task, bos: str, max_new_tokens: int, **_):
@@ -188,8 +194,13 @@ def evaluate_task(model, tokenizer, task: Task, batch_size: int | None = None, b
     if max_new_tokens < 1:
         raise UserError(f"max new tokens must be at least 1 (got {max_new_tokens})")
     bos = resolve_bos(tokenizer, bos)
-    correct, correct_norm, predictions, lls, settings = EVALUATORS[task.kind](
-        model, tokenizer, task, bos=bos, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return task_result(task, bos, *EVALUATORS[task.kind](model, tokenizer, task, bos=bos, batch_size=batch_size,
+                                                         max_new_tokens=max_new_tokens))
+
+
+def task_result(task: Task, bos: str, correct: list[bool], correct_norm: list[bool] | None, predictions: list,
+                lls: list[list[float]] | None, settings: dict) -> TaskResult:
+    """The result of ``task`` from its per-item outcomes (``bos``: the policy applied; ``settings``: how it ran)."""
     acc, acc_stderr = mean_stderr(correct)
     acc_norm, acc_norm_stderr = mean_stderr(correct_norm) if correct_norm is not None else (None, None)
     summary = {**task.describe(), "acc": acc, "acc_stderr": acc_stderr, "acc_norm": acc_norm,
