@@ -380,24 +380,17 @@ def check_one(lm, units, calib, eval_windows, baseline, s: CalibCheckSettings) -
             "coverage": coverage}, acc.per_token("kld")
 
 
-def validate(s: CalibCheckSettings, out: Path | None) -> None:
-    """Every flag checked before anything is read or written."""
-    from .fileio import check_out_dir
-
-    s.check()
-    if out is not None:
-        check_out_dir(out, force=True)  # calib_check.json is added to (or replaced in) the folder
-
-
 def calib_check(s: CalibCheckSettings, out: Path | None = None) -> dict:
     """Judge ``s.calib`` (and ``s.calib2``) against ``s.eval``; writes DIR/calib_check.json when ``out`` is given."""
     from .data import load_windows
     from .evaluate import build_baseline
-    from .fileio import atomic_write_json, output_dir
+    from .fileio import atomic_write_json, check_out_dir, output_dir
     from .quant.plan import plan_units
     from .session import open_session
 
-    validate(s, out)
+    s.check()  # every flag, before anything is read or written
+    if out is not None:
+        check_out_dir(out, force=True)  # calib_check.json is added to (or replaced in) the folder
     session = open_session(s)
     lm, eval_windows = session.lm, session.eval
     calibs = {"calib": session.calib}

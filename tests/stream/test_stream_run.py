@@ -133,11 +133,10 @@ def test_bad_streaming_flags_are_refused(stories_dir, text, tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["audit", "--model", str(stories_dir), "--streaming", "sometimes", "--out", str(tmp_path)])
     assert exited.value.code == 2 and "--streaming" in capsys.readouterr().err
-    from quantaudit.audit.settings import validate
     from quantaudit.errors import UserError
 
     with pytest.raises(UserError, match="--stream-ram"):
-        validate(_settings(stories_dir, text, stream_ram_mb=-1))
+        _settings(stories_dir, text, stream_ram_mb=-1).check()
 
 
 def test_streamed_audit_scores_multiple_choice_tasks_as_the_in_memory_one(stories_dir, text, private_dirs):

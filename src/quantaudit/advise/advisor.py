@@ -10,7 +10,7 @@ from .deployment import inflight_batching, model_size, speculative_decoding
 from .hardware import load_hardware
 from .model_shape import ModelShape, load_model_shape, shape_from_params
 from .planner import PlannerSettings
-from .recommend import Context, Workload, recommend
+from .recommend import Context, Workload, rank_serving_options
 from .roofline import Efficiency, estimate_speed
 
 SCHEMA_VERSION = 1
@@ -68,7 +68,7 @@ def advise(
     the_shape = _model_shape(model, params, shape)
     audits = load_audit_report(report) if report is not None else {}
     ctx = Context(the_shape, the_gpu, gpus, workload, table, audits, settings, efficiency)
-    recommendations, ranked, rejected = recommend(ctx, the_shape.name, sensitive_factor)
+    recommendations, ranked, rejected = rank_serving_options(ctx, the_shape.name, sensitive_factor)
     top = ranked[0]
     candidates = ranked + rejected
     return {

@@ -8,14 +8,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .planner import max_layers_that_fit, plan_memory
-from .recommend import Candidate, Context
+from .recommend import Context, ServingOption
 
 MAX_DRAFT_TOKENS = 8  # draft lengths tried for speculative decoding
 WORTHWHILE_SPEEDUP = 1.05  # below this, speculative decoding is not worth its complexity
 VERDICTS = {True: "passed the budget", False: "failed the budget", None: "no budget verdict"}
 
 
-def inflight_batching(top: Candidate, ctx: Context) -> dict:
+def inflight_batching(top: ServingOption, ctx: Context) -> dict:
     """How many sequences the paged KV pool serves, at full and at a quarter of the context."""
     w, p = ctx.workload, top.plan
     quarter = max(1, w.context // 4)
@@ -42,7 +42,7 @@ def _speedup(alpha: float, draft_tokens: int, draft_step: float, target) -> floa
     return accepted * target.decode_step_s / (draft_tokens * draft_step + target.step_s(draft_tokens + 1))
 
 
-def speculative_decoding(top: Candidate, candidates: list[Candidate], ctx: Context) -> dict:
+def speculative_decoding(top: ServingOption, candidates: list[ServingOption], ctx: Context) -> dict:
     """Whether a quantized copy of the model, as greedy draft, would speed up decoding of ``top``.
 
     The draft's acceptance rate is estimated by its audited top-1 agreement with the baseline. Draft
@@ -91,13 +91,13 @@ def speculative_decoding(top: Candidate, candidates: list[Candidate], ctx: Conte
     }
 
 
-def model_size(top: Candidate, candidates: list[Candidate], ctx: Context) -> dict:
+def model_size(top: ServingOption, candidates: list[ServingOption], ctx: Context) -> dict:
     """The largest model of this width the GPUs hold at the workload, at the top and the most compact format."""
     w = ctx.workload
     native = [c for c in candidates if c.speed is not None]
     compact = min(native, key=lambda c: c.plan.weight_bytes)
 
-    def largest(c: Candidate) -> int:
+    def largest(c: ServingOption) -> int:
         layers = max_layers_that_fit(ctx.shape, c.fmt, c.kv_cache, ctx.gpu, ctx.gpus, w.batch, w.context, ctx.settings)
         return replace(ctx.shape, layers=layers).total_params if layers else 0
 

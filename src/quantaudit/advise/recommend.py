@@ -72,7 +72,7 @@ class Context:
 
 
 @dataclass
-class Candidate:
+class ServingOption:
     fmt: QuantFormat
     facts: FormatFacts | None
     kv_cache: str
@@ -89,15 +89,15 @@ class Candidate:
         return self.fmt.name
 
 
-def _speed_key(c: Candidate) -> tuple[float, float]:
+def _speed_key(c: ServingOption) -> tuple[float, float]:
     return (-c.speed.tokens_per_s, c.speed.prefill_s)
 
 
-def _measured_kld(c: Candidate) -> float:
+def _measured_kld(c: ServingOption) -> float:
     return c.audit.kld_mean if c.audit is not None and c.audit.kld_mean is not None else math.inf
 
 
-def _degradation(c: Candidate) -> int:
+def _degradation(c: ServingOption) -> int:
     return DEGRADATION_ORDER.index(c.facts.degradation)
 
 
@@ -107,7 +107,7 @@ class Rule:
 
     name: str
     applies: Callable[[Context], bool]
-    choose: Callable[[list[Candidate]], list[Candidate]]  # feasible, not yet ranked -> in its order
+    choose: Callable[[list[ServingOption]], list[ServingOption]]  # feasible, not yet ranked -> in its order
     reason: str  # formatted with Context.template_fields()
 
 
@@ -146,14 +146,14 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def evaluate(fmt: QuantFormat, ctx: Context) -> Candidate:
+def evaluate(fmt: QuantFormat, ctx: Context) -> ServingOption:
     """Memory, speed and audit facts of one format, and the first hard limit it breaks (if any)."""
     w, gpu = ctx.workload, ctx.gpu
     facts = ctx.table.facts(fmt.name)
     kv_cache, kv_reason, plan, options = _choose_kv_cache(fmt, ctx)
     runs = facts is not None and gpu.runs(fmt, facts)
     speed = estimate_speed(ctx.shape, facts.compute, plan, gpu, w.batch, w.context, ctx.efficiency) if runs else None
-    c = Candidate(fmt, facts, kv_cache, kv_reason, plan, options, speed, ctx.audits.get(fmt.name))
+    c = ServingOption(fmt, facts, kv_cache, kv_reason, plan, options, speed, ctx.audits.get(fmt.name))
     if facts is None:
         c.problem_kind, c.problem = "data", f"no advisor facts for it (add [formats.{fmt.name}] to quantaudit/advise/gpus.toml)"
     elif not runs:
@@ -209,7 +209,7 @@ def _choose_kv_cache(fmt: QuantFormat, ctx: Context) -> tuple[str, str, MemoryPl
     return chosen, reason, plans[chosen], plans
 
 
-def candidate_facts(c: Candidate, ctx: Context, sensitive_factor: float) -> list[str]:
+def candidate_facts(c: ServingOption, ctx: Context, sensitive_factor: float) -> list[str]:
     """The measured and estimated facts behind a recommendation, one line each."""
     w, p, s = ctx.workload, c.plan, c.speed
     fp16_bytes = 2 * ctx.shape.total_params
@@ -242,7 +242,7 @@ def candidate_facts(c: Candidate, ctx: Context, sensitive_factor: float) -> list
     return lines
 
 
-def _extra_bytes_at_16_bit(c: Candidate, ctx: Context, modules: list[str]) -> float | None:
+def _extra_bytes_at_16_bit(c: ServingOption, ctx: Context, modules: list[str]) -> float | None:
     """Extra weight bytes of keeping ``modules`` in 16 bit; None when a name matches no decoder linear."""
     total = 0.0
     for module in modules:
@@ -253,7 +253,7 @@ def _extra_bytes_at_16_bit(c: Candidate, ctx: Context, modules: list[str]) -> fl
     return total
 
 
-def rank(candidates: list[Candidate], ctx: Context) -> list[tuple[Candidate, Rule]]:
+def rank(candidates: list[ServingOption], ctx: Context) -> list[tuple[ServingOption, Rule]]:
     """Feasible candidates in recommendation order, each with the rule that placed it."""
     pending = [c for c in candidates if c.problem is None]
     ranked = []
@@ -267,7 +267,7 @@ def rank(candidates: list[Candidate], ctx: Context) -> list[tuple[Candidate, Rul
     return ranked
 
 
-def explain_infeasible(candidates: list[Candidate], ctx: Context, model: str) -> UserError:
+def explain_infeasible(candidates: list[ServingOption], ctx: Context, model: str) -> UserError:
     """One line saying why nothing can be recommended, with the numbers of the closest candidates."""
     gpu, n = ctx.gpu, ctx.gpus
     runnable = [c for c in candidates if c.problem_kind not in ("data", "native")]
@@ -295,7 +295,7 @@ def explain_infeasible(candidates: list[Candidate], ctx: Context, model: str) ->
     return UserError(f"no format can serve this workload on {n}x {gpu.name} ({'; '.join(parts)})")
 
 
-def recommend(ctx: Context, model: str, sensitive_factor: float) -> tuple[list[dict], list[Candidate], list[Candidate]]:
+def rank_serving_options(ctx: Context, model: str, sensitive_factor: float) -> tuple[list[dict], list[ServingOption], list[ServingOption]]:
     """(recommendation dicts in rank order, the ranked candidates, the rejected ones)."""
     candidates = [evaluate(fmt, ctx) for fmt in FORMATS.values()]
     ranked = rank(candidates, ctx)

@@ -41,7 +41,7 @@ from ..session import Session, open_session
 from ..tasks import LM_EVAL_RESULTS, check_tasks_bos, tasks_summary
 from .in_memory import InMemoryExecutor
 from .measurement import BaselineMeasured, Candidate, Measured
-from .settings import AuditSettings, validate
+from .settings import AuditSettings
 from .streamed import StreamedExecutor, use_streaming
 
 SENSITIVITY_TOP = 10
@@ -127,7 +127,7 @@ def save_entry(out: Path, entry: dict, key: str) -> None:
     atomic_write_json(out / "formats" / f"{entry['name']}.json", {"settings_fingerprint": key, "entry": entry})
 
 
-def recommend(formats: list[dict], limits: list[Limit]) -> dict:
+def recommendation(formats: list[dict], limits: list[Limit]) -> dict:
     """The cheapest passing format; if none passes, the closest one and the layers to keep high."""
     passing = sorted((f for f in formats if f["passed"]), key=lambda f: f["weight_bytes"])
     if passing:
@@ -180,7 +180,8 @@ def check_inputs(settings: AuditSettings, streamed: bool) -> Inputs:
 def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: bool = False) -> dict:
     """Run the whole audit and write the report files; returns the report dict (module docstring)."""
     started = time.perf_counter()
-    limits = validate(settings)
+    settings.check()  # every flag, before anything is read or written
+    limits = settings.limits()
     check_out_dir(out, force or resume, OUTPUTS, RESUME_HINT)
     streamed = use_streaming(settings)
     inputs = check_inputs(settings, streamed)
@@ -226,7 +227,7 @@ def _report(settings: AuditSettings, inputs: Inputs, base: BaselineMeasured, for
             for f in formats
         },
         "outliers": base.outliers,
-        "recommendation": recommend(formats, limits),
+        "recommendation": recommendation(formats, limits),
     }
     if base.tasks:
         report["tasks"] = base.tasks

@@ -80,9 +80,3 @@ class AuditSettings(GenerationSettings, TaskSettings, EvalSettings):
 
     def limits(self) -> list[Limit]:
         return parse_budget(self.budget)
-
-
-def validate(settings: AuditSettings) -> list[Limit]:
-    """Check every flag (formats, ranges, budget, GPU name, device) before anything is read or written."""
-    settings.check()
-    return settings.limits()

@@ -40,7 +40,7 @@ from ..quant.plan import effective_bits, expand_plan, plan_units
 from ..session import open_session
 from .candidates import Candidates
 from .search import Option, Searcher, Trial, greedy_moves, plan_bytes, predicted, search_budget, search_size
-from .settings import NONE, AutotuneSettings, validate
+from .settings import NONE, AutotuneSettings
 
 METRIC_KEYS = ("tokens", "ppl_base", "ppl", "ppl_unc", "ppl_ratio", "ppl_ratio_unc", "ln_ppl_ratio", "ln_ppl_ratio_unc",
                "kld", "kld_reverse", "top1", "top1_unc", "delta_p")
@@ -133,7 +133,8 @@ def _kld_gap(summary: dict, limits: list[Limit]) -> float:
 def autotune(s: AutotuneSettings, out: Path, force: bool = False) -> dict:
     """Run the whole search and write DIR/autotune.json, plan.json and autotune.html; returns the result."""
     started = time.perf_counter()
-    limits = validate(s)
+    s.check()  # every flag, before any slow work
+    limits = s.limits()
     check_out_dir(out, force, OUTPUTS)
     tuner = _Tuner(s, limits)  # the model and texts: checked before --out is touched
     with output_dir(out, force, outputs=OUTPUTS) as work:

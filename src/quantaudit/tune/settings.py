@@ -56,9 +56,3 @@ class AutotuneSettings(EvalSettings):
             raise UserError(f"autotune measures KLD, PPL and top-1 only; the budget term {unmeasured[0]} needs "
                             "`audit --tasks`")
         return limits
-
-
-def validate(s: AutotuneSettings) -> list[Limit]:
-    """Every user choice checked before any slow work starts."""
-    s.check()
-    return s.limits()
