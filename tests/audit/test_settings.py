@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def test_algorithm_flags_reach_every_candidates_spec():
     """--smoothquant-alpha, --act-order and --include-lm-head shape what is quantized (and are in the resume key)."""
-    from quantaudit.audit.run import candidates
+    from quantaudit.audit.inputs import candidates
     from quantaudit.audit.settings import AuditSettings
 
     plain = AuditSettings(formats=["int8_sq", "int4_gptq"])

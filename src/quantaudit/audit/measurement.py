@@ -70,6 +70,7 @@ class BaselineMeasured:
     outliers: list[dict]  # measure.outliers.activation_outliers
     tasks: dict | None = None  # {task: summary}
     streaming: dict | None = None  # the streamed executor: what it did and did not compute
+    distributed: dict | None = None  # the Ray executor: the cluster, and each job's attempts
     seconds: dict[str, float] = field(default_factory=dict)  # per stage: baseline, outliers, tasks, ...
 
 

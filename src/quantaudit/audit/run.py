@@ -24,22 +24,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from .. import __version__
 from ..errors import EXIT_BUDGET_FAILED, EXIT_OK, UserError
-from ..fidelity import PromptSet, prompt_set
 from ..fileio import atomic_write_json, atomic_write_text, check_out_dir, output_dir
 from ..measure.budget import Limit, check_budget
 from ..measure.sensitivity import decoder_index
 from ..progress import console
-from ..quant.formats import get_format
-from ..quant.plan import check_fused_plan, load_plan
-from ..session import Session, open_session
-from ..tasks import LM_EVAL_RESULTS, check_tasks_bos, tasks_summary
+from ..tasks import LM_EVAL_RESULTS, tasks_summary
 from .in_memory import InMemoryExecutor
+from .inputs import Inputs, check_inputs
 from .measurement import BaselineMeasured, Candidate, Measured
 from .settings import AuditSettings
 from .streamed import StreamedExecutor, use_streaming
@@ -50,21 +46,6 @@ OUTPUTS = (*REPORT_FILES, "formats", LM_EVAL_RESULTS)
 RESUME_HINT = " or --resume to continue the run in it"
 STATISTICS = ("ppl", "ppl_unc", "ppl_ratio", "ppl_ratio_unc", "ln_ppl_ratio", "ln_ppl_ratio_unc", "kld", "kld_reverse",
               "top1", "top1_unc", "delta_p", "baseline_top_k")
-
-
-def candidates(settings: AuditSettings, model) -> list[Candidate]:
-    """The uniform ``--formats``, then the ``--plan`` (TensorRT-LLM ``MIXED_PRECISION``) if given."""
-    out = [Candidate(name, settings.quant_spec(name), get_format(name).description, get_format(name).trtllm_quant_algo)
-           for name in settings.formats]
-    if settings.plan:
-        plan = load_plan(settings.plan, model)
-        check_fused_plan(plan.layers, plan.default, model, f"plan file {settings.plan}")
-        counts = Counter(plan.layers.values())
-        mix = ", ".join(f"{n} x {fmt}" for fmt, n in counts.most_common())
-        out.append(Candidate("plan", settings.quant_spec(plan.default, plan.layers),
-                             f"mixed precision from {settings.plan}: {mix}; other layers {plan.default}",
-                             "MIXED_PRECISION"))
-    return out
 
 
 def format_entry(m: Measured, settings: AuditSettings) -> dict:
@@ -148,35 +129,6 @@ def recommendation(formats: list[dict], limits: list[Limit]) -> dict:
     }
 
 
-@dataclass
-class Inputs:
-    """What the audit reads, loaded and checked before ``--out`` is touched: the session (model and texts), the
-    tasks, the candidates and the ``--generate`` prompts."""
-
-    session: Session
-    tasks: list
-    candidates: list[Candidate]
-    prompts: PromptSet | None = None
-
-
-def check_inputs(settings: AuditSettings, streamed: bool) -> Inputs:
-    """Read and check every input the flags name (tasks, model, texts, plan, prompts): a bad one fails here, before
-    anything is written, and what was read is what the audit then uses."""
-    tasks = settings.load_tasks()
-    session = open_session(settings, streamed)
-    check_tasks_bos(tasks, session.tokenizer, settings.bos)
-    prompts = None
-    if settings.generate:
-        if streamed:
-            raise UserError("--generate needs the whole model in memory, but this model is audited layer by layer "
-                            "(--streaming auto found too little memory); drop --generate or free memory")
-        prompts = prompt_set(settings.generate, session.tokenizer, settings.chat_template, settings.max_new_tokens)
-    found = candidates(settings, session.model)
-    for candidate in found:
-        session.check_spec(candidate.spec)
-    return Inputs(session, tasks, found, prompts)
-
-
 def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: bool = False) -> dict:
     """Run the whole audit and write the report files; returns the report dict (module docstring)."""
     started = time.perf_counter()
@@ -184,13 +136,22 @@ def run_audit(settings: AuditSettings, out: Path, force: bool = False, resume: b
     limits = settings.limits()
     check_out_dir(out, force or resume, OUTPUTS, RESUME_HINT)
     streamed = use_streaming(settings)
+    if streamed and settings.ray:
+        raise UserError("--ray runs each format's job in memory, but this model does not fit (--streaming auto "
+                        "chose layer streaming); drop --ray, or free memory")
     inputs = check_inputs(settings, streamed)
     with output_dir(out, force, resume, OUTPUTS, keep_partial=True, hint=RESUME_HINT) as work:
         (work / "formats").mkdir(exist_ok=True)
         key = settings.fingerprint()
         done = {c.name: entry for c in inputs.candidates if resume and (entry := saved_entry(work, c, key)) is not None}
-        executor = (StreamedExecutor(settings, inputs) if streamed
-                    else InMemoryExecutor(settings, inputs, work / LM_EVAL_RESULTS))
+        if streamed:
+            executor = StreamedExecutor(settings, inputs)
+        elif settings.ray:
+            from .distributed import RayExecutor
+
+            executor = RayExecutor(settings, inputs, work, work / LM_EVAL_RESULTS)
+        else:
+            executor = InMemoryExecutor(settings, inputs, work / LM_EVAL_RESULTS)
         for measured in executor.measure([c for c in inputs.candidates if c.name not in done]):
             entry = format_entry(measured, settings)
             save_entry(work, entry, key)
@@ -233,6 +194,8 @@ def _report(settings: AuditSettings, inputs: Inputs, base: BaselineMeasured, for
         report["tasks"] = base.tasks
     if base.streaming:
         report["streaming"] = base.streaming
+    if base.distributed:
+        report["ray"] = base.distributed
     report["timings"] = {"baseline_seconds": base.seconds,
                          "format_seconds": {f["name"]: f.get("seconds", {}) for f in formats}}
     if settings.gpu:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 
 from ..errors import UserError
@@ -17,6 +18,9 @@ STREAMING_MODES = ("auto", "on", "off")
 SENSITIVITY_GRANULARITIES = ("linear", "decoder", "none")
 MEASURE = "what is measured"
 STREAMING = "models larger than memory"
+DISTRIBUTED = "distributed (Ray)"
+# settings that change how a run executes, not its numbers: left out of the --resume key
+EXECUTION = ("formats", "budget", "batch_size", "device", "gpu", "streaming", "stream_ram_mb", "ray", "shared_dir")
 
 
 @dataclass
@@ -50,10 +54,16 @@ class AuditSettings(GenerationSettings, TaskSettings, EvalSettings):
                                      "memory up to MIB, spill the rest to a temporary folder (default: a quarter of "
                                      "the free memory)", STREAMING, type=int, metavar="MIB")
 
+    # auto: a local Ray instance; HOST:PORT: a cluster's head (quantaudit.audit.distributed)
+    ray: str | None = flag("--ray", None, "run each format as a Ray task: auto starts Ray on this machine, HOST:PORT "
+                           "joins a cluster (pip install 'quantaudit[ray]'); the report is the same", DISTRIBUTED,
+                           metavar="ADDRESS")
+    shared_dir: str | None = flag("--shared-dir", None, "with --ray on a cluster: a folder every node reads and "
+                                  "writes, for the baseline cache and the model cache", DISTRIBUTED, metavar="DIR")
+
     def fingerprint(self) -> str:
         """Identity of everything that changes a format's numbers (for --resume)."""
-        fields = {k: v for k, v in asdict(self).items() if k not in ("formats", "budget", "batch_size", "device", "gpu",
-                                                                  "streaming", "stream_ram_mb")}
+        fields = {k: v for k, v in asdict(self).items() if k not in EXECUTION}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def check(self) -> None:
@@ -74,6 +84,19 @@ class AuditSettings(GenerationSettings, TaskSettings, EvalSettings):
             raise UserError(f"--sensitivity-granularity must be {', '.join(SENSITIVITY_GRANULARITIES)}")
         if self.streaming not in STREAMING_MODES:
             raise UserError(f"--streaming must be {', '.join(STREAMING_MODES)} (got {self.streaming!r})")
+        if self.ray:
+            from .distributed import check_address, ray_module
+
+            ray_module()
+            if self.streaming == "on":
+                raise UserError("--ray runs each format's job in memory; a layer-streamed audit runs in one process: "
+                                "drop --ray or --streaming on")
+            if self.shared_dir is not None and not os.access(self.shared_dir, os.W_OK | os.X_OK):
+                raise UserError(f"--shared-dir {self.shared_dir}: not a folder this process can write; give one "
+                                "every node reads and writes")
+            check_address(self.ray)
+        elif self.shared_dir is not None:
+            raise UserError("--shared-dir is where Ray workers read the baseline: give --ray too")
         if self.generate and self.streaming == "on":
             raise UserError("--generate needs the whole model in memory (generation runs every layer per token); "
                             "use --streaming off or auto")
