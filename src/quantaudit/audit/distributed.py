@@ -33,33 +33,10 @@ from ..progress import console, track
 from .in_memory import InMemoryExecutor, Shared
 from .inputs import check_inputs
 from .measurement import BaselineMeasured, Candidate, Measured
+from .settings import ray_module
 
 MAX_RETRIES = 2  # a job whose worker dies is run at most this many more times
-CONNECT_SECONDS = 3.0  # an unreachable --ray address is refused after this long
 JOBS = ".jobs"  # inside DIR/formats: one record per attempt of each job
-
-
-def ray_module():
-    """``ray``, or one line naming the extra to install."""
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--ray needs Ray: pip install 'quantaudit[ray]'") from None
-    return ray
-
-
-def check_address(address: str) -> None:
-    """``--ray``: ``auto`` (a local Ray instance) or the ``HOST:PORT`` of a cluster's head, reachable now."""
-    if address == "auto":
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"--ray {address!r}: give auto or the head node's HOST:PORT (e.g. 10.0.0.1:6379)")
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
-    except OSError as exc:
-        raise UserError(f"--ray {address}: cannot reach the Ray head ({exc.strerror or exc}); start it with "
-                        "`ray start --head` or give --ray auto") from None
 
 
 @contextmanager

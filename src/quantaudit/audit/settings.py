@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from dataclasses import asdict, dataclass
 
 from ..errors import UserError
@@ -21,6 +22,32 @@ STREAMING = "models larger than memory"
 DISTRIBUTED = "distributed (Ray)"
 # settings that change how a run executes, not its numbers: left out of the --resume key
 EXECUTION = ("formats", "budget", "batch_size", "device", "gpu", "streaming", "stream_ram_mb", "ray", "shared_dir")
+
+
+CONNECT_SECONDS = 3.0  # an unreachable --ray address is refused after this long
+
+
+def ray_module():
+    """``ray``, or one line naming the extra to install."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--ray needs Ray: pip install 'quantaudit[ray]'") from None
+    return ray
+
+
+def check_address(address: str) -> None:
+    """``--ray``: ``auto`` (a local Ray instance) or the ``HOST:PORT`` of a cluster's head, reachable now."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray {address!r}: give auto or the head node's HOST:PORT (e.g. 10.0.0.1:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as exc:
+        raise UserError(f"--ray {address}: cannot reach the Ray head ({exc.strerror or exc}); start it with "
+                        "`ray start --head` or give --ray auto") from None
 
 
 @dataclass
@@ -85,8 +112,6 @@ class AuditSettings(GenerationSettings, TaskSettings, EvalSettings):
         if self.streaming not in STREAMING_MODES:
             raise UserError(f"--streaming must be {', '.join(STREAMING_MODES)} (got {self.streaming!r})")
         if self.ray:
-            from .distributed import check_address, ray_module
-
             ray_module()
             if self.streaming == "on":
                 raise UserError("--ray runs each format's job in memory; a layer-streamed audit runs in one process: "
