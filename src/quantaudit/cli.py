@@ -132,21 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     from .export.command import add_export_arguments, run_export
     from .tune.cli import add_autotune_arguments, run_autotune
 
-    p = sub.add_parser("export", help="write the audited model as a TensorRT-LLM or HF quantized checkpoint",
-                       description="Quantize exactly as the audit does and write a TensorRT-LLM checkpoint "
-                       "(config.json + rank*.safetensors, BUILD.md, build.sh) or a Hugging Face ModelOpt checkpoint.")
-    add_export_arguments(p)
-    p.set_defaults(func=run_export)
-    p = sub.add_parser("autotune", help="mixed precision: the cheapest per-layer plan meeting a budget",
-                       description="Start from the most aggressive format, raise the most sensitive layers to a "
-                       "fallback until the measured budget holds; every plan is verified by evaluation.")
-    add_autotune_arguments(p)
-    p.set_defaults(func=run_autotune)
-    p = sub.add_parser("calib-check", help="judge a calibration set against production-like text",
-                       description="Activation-range and token coverage of --calib over --eval, sample-count "
-                       "adequacy, and the KLD a static-activation format gets with it (and with --calib2).")
-    add_calib_check_arguments(p)
-    p.set_defaults(func=run_calib_check)
+    for name, add, run, summary, description in (
+        ("export", add_export_arguments, run_export,
+         "write the audited model as a TensorRT-LLM or HF quantized checkpoint",
+         "Quantize exactly as the audit does and write a TensorRT-LLM checkpoint (config.json + rank*.safetensors, "
+         "BUILD.md, build.sh) or a Hugging Face ModelOpt checkpoint."),
+        ("autotune", add_autotune_arguments, run_autotune,
+         "mixed precision: the cheapest per-layer plan meeting a budget",
+         "Start from the most aggressive format, raise the most sensitive layers to a fallback until the measured "
+         "budget holds; every plan is verified by evaluation."),
+        ("calib-check", add_calib_check_arguments, run_calib_check,
+         "judge a calibration set against production-like text",
+         "Activation-range and token coverage of --calib over --eval, sample-count adequacy, and the KLD a "
+         "static-activation format gets with it (and with --calib2)."),
+    ):
+        p = sub.add_parser(name, help=summary, description=description)
+        add(p)
+        p.set_defaults(func=run)
 
     p = sub.add_parser("formats", help="list the quantization formats",
                        description="The formats quantaudit simulates, named as ModelOpt's --qformat.")

@@ -99,34 +99,31 @@ def audit_table(report: dict) -> Table:
     return table
 
 
+def _text_table(title: str, headers: list[str], rows: list[list[str]]) -> Table | None:
+    """Rows of text under ``headers`` (the first column left-aligned, the figures right), or None without rows."""
+    if not rows:
+        return None
+    table = Table(title=title)
+    for i, col in enumerate(headers):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def timing_table(report: dict) -> Table | None:
     """Seconds per stage of the audit (report.markdown.timing_rows), or None without timings."""
     from .markdown import timing_rows
 
-    headers, rows = timing_rows(report)
-    if not rows:
-        return None
-    table = Table(title="where the time went (seconds)")
-    for col in headers:
-        table.add_column(col, justify="left" if col == "part" else "right")
-    for row in rows:
-        table.add_row(*row)
-    return table
+    return _text_table("where the time went (seconds)", *timing_rows(report))
 
 
 def generation_table(report: dict) -> Table | None:
     """--generate results (report.markdown.generation_rows), or None without them."""
     from .markdown import GENERATION_HEADERS, generation_rows
 
-    rows = generation_rows(report)
-    if not rows:
-        return None
-    table = Table(title="generation fidelity (greedy, paired with the baseline)")
-    for col in GENERATION_HEADERS:
-        table.add_column(col, justify="left" if col == "format" else "right")
-    for row in rows:
-        table.add_row(*row)
-    return table
+    return _text_table("generation fidelity (greedy, paired with the baseline)", GENERATION_HEADERS,
+                       generation_rows(report))
 
 
 def task_table(summaries: dict) -> Table:
