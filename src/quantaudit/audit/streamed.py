@@ -73,7 +73,7 @@ from ..stream.source import CheckpointParts, checkpoint_fp32_bytes
 from ..stream.spill import SpillStore
 from ..tasks import compare_task_results
 from ..tasks.readers import MULTIPLE_CHOICE, Task
-from ..tasks.scoring import choice_sequences, choose, task_result
+from ..tasks.scoring import choice_sequences, choose, target_logprobs, task_result
 from .measurement import BaselineMeasured, Candidate, Measured, StageClock
 
 NOT_STREAMED = "not computed in streaming mode"
@@ -403,13 +403,16 @@ def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Win
                     shared.advance(layer, index)
             del layer, reference
             trim_heap()  # the layer's small temporaries would otherwise fragment the heap, which grows with depth
-        base_ppl = _final_logits(parts, windows, eval_batches, base, runs, top_k, drift_windows)
+        norm = parts.final_norm()  # read once for every stream's final stage
+        head = OutputHead.from_weight(parts.lm_head_weight(), None, parts.config)
+        base_ppl = _final_logits(norm, head, windows, eval_batches, base, runs, top_k, drift_windows)
         continuations = None
         if sequences is not None:
-            continuations = {"baseline": _continuation_logprobs(parts, sequences, continuation_lengths, seq_base)}
+            continuations = {"baseline": _continuation_logprobs(norm, head, sequences, continuation_lengths, seq_base)}
             for name, run in runs.items():
                 started = time.perf_counter()
-                continuations[name] = _continuation_logprobs(parts, sequences, continuation_lengths, run.sequences)
+                continuations[name] = _continuation_logprobs(norm, head, sequences, continuation_lengths,
+                                                             run.sequences)
                 run.tasks_seconds += time.perf_counter() - started
 
     formats = {}
@@ -425,12 +428,10 @@ def stream_audit(parts: CheckpointParts, specs: dict[str, QuantSpec], calib: Win
     return StreamedAudit(base_ppl.summary(), formats, linear_inputs if outliers else None, continuations)
 
 
-def _continuation_logprobs(parts: CheckpointParts, sequences: Windows, continuation_lengths: torch.Tensor,
+def _continuation_logprobs(norm: nn.Module, head: OutputHead, sequences: Windows, continuation_lengths: torch.Tensor,
                            stream: _Stream) -> torch.Tensor:
     """Final norm and lm_head on one stream of ``sequences``: each sequence's summed log-prob (float64) of its last
     ``continuation_lengths[i]`` tokens given the ones before, as ``tasks.scoring.score_sequences`` sums them."""
-    norm = parts.final_norm()
-    head = OutputHead.from_weight(parts.lm_head_weight(), None, parts.config)
     totals = torch.zeros(sequences.n, dtype=torch.float64)
     for part, hidden in zip(stream.batches.parts, stream.drain()):
         last = norm(hidden)
@@ -439,19 +440,15 @@ def _continuation_logprobs(parts: CheckpointParts, sequences: Windows, continuat
             # input position t predicts token t + 1: the continuation's tokens are predicted at L-1-c .. L-2
             picked = last[row, length - 1 - cont : length - 1]
             targets = sequences.ids[i, length - cont : length].to(picked.device)
-            token_lp = torch.cat([logits.log_softmax(-1).gather(1, targets[rows, None]).squeeze(1)
-                                  for rows, logits in head.chunks(picked)])
-            totals[i] = token_lp.double().sum().cpu()
+            totals[i] = target_logprobs(head, picked, targets).sum().cpu()
     return totals
 
 
-def _final_logits(parts: CheckpointParts, windows: Windows, batches: _Batches, base: _Stream,
+def _final_logits(norm: nn.Module, head: OutputHead, windows: Windows, batches: _Batches, base: _Stream,
                   runs: dict[str, _FormatRun], top_k: int | None, drift_windows: int) -> PerplexityAccumulator:
     """Final norm and lm_head on every stream, window by window in token chunks (:mod:`quantaudit.logits`): the
     baseline's log-probs (``metrics.summarize_logits``, as ``baseline.BaselineWindow`` recomputes them) against
     each format's logits; lm_head's outputs for the layer drift, as ``audit.drift`` compares them."""
-    norm = parts.final_norm()
-    head = OutputHead.from_weight(parts.lm_head_weight(), None, parts.config)
     k = None if top_k is None or top_k >= head.vocab else top_k
     base_ppl = PerplexityAccumulator()
     streams = [base.drain(), *(run.eval.drain() for run in runs.values())]

@@ -120,6 +120,12 @@ def plan_batches(seqs: list[list[int]], batch_size: int | None, vocab_size: int)
     return batches
 
 
+def target_logprobs(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each row of final hidden states ``hidden`` [T, d], the logits made a chunk at a time (float64)."""
+    return torch.cat([logits.log_softmax(-1).gather(1, targets[rows, None]).squeeze(1)
+                      for rows, logits in head.chunks(hidden)]).double()
+
+
 @torch.inference_mode()
 def score_sequences(model, seqs: list[list[int]], cont_lens: list[int], batch_size: int | None = None,
                     description: str = "scoring") -> torch.Tensor:
@@ -142,8 +148,7 @@ def score_sequences(model, seqs: list[list[int]], cont_lens: list[int], batch_si
         scored = (positions >= (lengths - 1 - conts)[:, None]) & (positions < (lengths - 1)[:, None])
         rows, cols = scored.nonzero(as_tuple=True)
         picked, targets = hidden[rows.to(device), cols.to(device)], ids[rows, cols + 1].to(device)
-        token_lp = torch.cat([logits.log_softmax(-1).gather(1, targets[part, None]).squeeze(1)
-                              for part, logits in head.chunks(picked)]).double().cpu()
+        token_lp = target_logprobs(head, picked, targets).cpu()
         totals[torch.tensor(batch)] = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows, token_lp)
     return totals
 
