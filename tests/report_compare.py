@@ -8,16 +8,23 @@ import math
 TIMING_KEYS = ("seconds", "_per_s", "created", "quantaudit_version", "torch_threads", "timings")
 
 
-def normal(value, tmp: str, drop: tuple[str, ...] = ()):
-    """``value`` without timings (and the keys in ``drop``), with ``tmp`` named ``<tmp>``."""
+def normal(value, places: dict[str, str], drop: tuple[str, ...] = ()):
+    """``value`` without timings (and the keys in ``drop``), each path in ``places`` written as its placeholder
+    (``{str(tmp_path): "<tmp>"}``), so that reports from different folders or machines compare."""
     if isinstance(value, dict):
-        return {k.replace(tmp, "<tmp>"): normal(v, tmp, drop) for k, v in value.items()
+        return {_placed(k, places): normal(v, places, drop) for k, v in value.items()
                 if not any(t in k for t in TIMING_KEYS) and k not in drop}
     if isinstance(value, list):
-        return [normal(v, tmp, drop) for v in value]
+        return [normal(v, places, drop) for v in value]
     if isinstance(value, str):
-        return value.replace(tmp, "<tmp>")
+        return _placed(value, places)
     return value
+
+
+def _placed(text: str, places: dict[str, str]) -> str:
+    for path, placeholder in places.items():
+        text = text.replace(path, placeholder)
+    return text
 
 
 def differences(got, want, path="report", rel: float = 1e-5) -> list[str]:
