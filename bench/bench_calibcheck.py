@@ -1,12 +1,14 @@
-"""calib-check on SmolLM2-135M: Penn Treebank vs WikiText-2 as calibration text for WikiText-2 test.
+"""calib-check on SmolLM2-135M: what the choice of calibration set costs, per format (issue 21's protocol).
 
-calib-check ranks the two calibration sets from coverage alone (clipped activation share, token
-distribution); the FP8 (static activation scale) KLD each yields on the eval text is measured in the
-same run and compared with that ranking (agrees / disagrees / not significant at 2 standard errors). Calibration: the first ``--calib-size`` x 512 tokens of
-each text; evaluation: the first ``--windows`` x 512-token windows of WikiText-2 test.
-Writes bench/results/calibcheck.json (the full result as DIR/calib_check.json next to it).
+Eval: the first ``--windows`` x 512 tokens of WikiText-2 test. Calibration sets, ``--calib-size`` x 512 tokens
+each: WikiText-2 valid, Penn Treebank valid, the TinyStories sample, and Python source (the standard
+library's own ``.py`` files, which every install has). Formats: calib-check's default, the calibration-dependent
+ones (int4_awq, int4_gptq, w4a8_awq, int8_sq_static, fp8). Sample-count curves (1, 4, 16 and the whole set) for
+``--curve-formats`` on WikiText-2 valid. Prints the set x format KLD table, the sensitive formats with best and
+worst set, the curves, and whether coverage predicted the measured order; writes bench/results/calibcheck.json
+and the full calib_check.{json,md,html} beside it. Run it alone on the machine.
 
-    .venv/bin/python bench/bench_calibcheck.py [--calib-size 32] [--windows 8]
+    .venv/bin/python bench/bench_calibcheck.py [--calib-size 32] [--windows 16]
 """
 
 from __future__ import annotations
@@ -14,61 +16,92 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared"
+PYTHON_SOURCE_CHARS = 400_000  # ~100k tokens, several times what 32 x 512 needs
+
+
+def python_source(target: Path) -> Path:
+    """The standard library's top-level .py files, one document each, until PYTHON_SOURCE_CHARS."""
+    docs, size = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        docs.append(text)
+        size += len(text)
+        if size >= PYTHON_SOURCE_CHARS:
+            break
+    target.write_text("<|endoftext|>".join(docs))
+    return target
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--format", default="fp8")
-    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--calib-size", type=int, default=32)
+    parser.add_argument("--formats", default="int4_awq,int4_gptq,w4a8_awq,int8_sq_static,fp8")
+    parser.add_argument("--curve-formats", default="int4_awq,int4_gptq")
+    parser.add_argument("--sample-counts", default="1,4,16,64")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "calibcheck.json")
     args = parser.parse_args()
     os.environ.setdefault("QUANTAUDIT_QUIET", "1")
     if not SHARED.is_dir():
-        print(f"../shared not found at {SHARED}: the WikiText-2 and PTB files live there", file=sys.stderr)
+        print(f"../shared not found at {SHARED}: the WikiText-2, PTB and TinyStories files live there", file=sys.stderr)
         return 2
 
-    from quantaudit.calibcheck import CalibCheckSettings, calib_check, coverage_table
+    from quantaudit.calibcheck.command import CalibCheckSettings, calib_check, curve_table, kld_table
     from quantaudit.fileio import atomic_write_json
     from quantaudit.progress import console
+    from quantaudit.session import split_list
 
     data = SHARED / "data"
-    settings = CalibCheckSettings(model=args.model, calib=str(data / "ptb_valid.txt"),
-                                  calib2=str(data / "wikitext2_valid_tokens.txt"), eval=str(data / "wikitext2_raw_test.txt"),
-                                  format=args.format, calib_size=args.calib_size, windows=args.windows)
-    started = time.perf_counter()
-    result = calib_check(settings, args.out.parent / "calibcheck")
-    seconds = time.perf_counter() - started
-    console.print(coverage_table(result))
-    names = {"calib": "PTB", "calib2": "WikiText-2"}
-    for role in ("calib", "calib2"):
-        r = result[role]
-        s = r["coverage"]["summary"]
-        t = r["coverage"]["tokens"]
-        print(f"{names[role]:10s} clipped eval activations {100 * s['clip_share']:.4f} % (worst input {100 * s['worst_clip_share']:.3f} %), "
-              f"unseen tokens {100 * t['unseen_token_share']:.2f} %, JS {t['js_divergence_bits']:.4f} bits, "
-              f"{args.format} KLD {r['kld']:.5f} ± {r['kld_unc']:.5f}, verdict {r['verdict']}")
-    better = names[result["better"]]
-    print(f"calib-check ranks {better} better (decided by {result['decided_by']}); measured {args.format} KLD of the other "
-          f"set minus {better}'s: {result['kld_difference']:+.5f} ± {result['kld_difference_unc']:.5f} "
-          f"({result['kld_agreement']})")
-    print(f"wall time {seconds:.0f} s")
-    ok = result["better"] == "calib2" and result["kld_agreement"] == "agrees"
+    load = os.getloadavg()
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (run alone: nothing else on the cores)")
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = [data / "wikitext2_valid_tokens.txt", data / "ptb_valid.txt", data / "tinystories_sample.txt",
+                python_source(Path(tmp) / "python_stdlib.txt")]
+        settings = CalibCheckSettings(model=args.model, calib=str(sets[0]), calib2=[str(s) for s in sets[1:]],
+                                      eval=str(data / "wikitext2_raw_test.txt"), calib_size=args.calib_size,
+                                      windows=args.windows, formats=split_list(args.formats),
+                                      curve_formats=split_list(args.curve_formats),
+                                      sample_counts=split_list(args.sample_counts))
+        started = time.perf_counter()
+        result = calib_check(settings, args.out.parent / "calibcheck")
+        seconds = time.perf_counter() - started
+    console.print(kld_table(result))
+    console.print(curve_table(result))
+    for f in result["formats"]:
+        if f["sensitive"]:
+            b = f["best_vs_worst"]
+            print(f"{f['format']}: calibration-sensitive; best {f['best']} (tied: {', '.join(f['best_tied']) or 'none'}), "
+                  f"worst {f['worst']}: worst - best {b['difference']:+.5f} ± {b['unc']:.5f}")
+        else:
+            print(f"{f['format']}: {f['verdict']}")
+        if f.get("curve"):
+            print(f"  samples curve: {f['curve']['verdict']}")
+    print(f"coverage heuristics: {result['coverage_prediction']['verdict']}")
+    for w in result["warnings"]:
+        print(f"warning: {w}")
+    load_after = os.getloadavg()
+    print(f"wall time {seconds:.0f} s; load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     atomic_write_json(args.out, {
-        "better": better, "decided_by": result["decided_by"], "kld_difference": result["kld_difference"],
-        "kld_difference_unc": result["kld_difference_unc"], "kld_agreement": result["kld_agreement"],
-        **{names[role]: {"kld": result[role]["kld"], "kld_unc": result[role]["kld_unc"],
-                         "summary": result[role]["coverage"]["summary"], "tokens": result[role]["coverage"]["tokens"],
-                         "verdict": result[role]["verdict"], "reasons": result[role]["reasons"]} for role in ("calib", "calib2")},
-        "seconds": seconds,
+        "protocol": {"model": args.model, "eval": "wikitext2_raw_test.txt", "windows": args.windows, "seq_len": 512,
+                     "calib_size": args.calib_size, "calib_seq": 512, "formats": settings.formats,
+                     "curve_formats": settings.curve_formats},
+        "sets": [{"label": s["label"], "samples": s["samples"], "unseen_token_share": s["coverage"]["tokens"]["unseen_token_share"],
+                  "js_divergence_bits": s["coverage"]["tokens"]["js_divergence_bits"],
+                  "clip_share": s["coverage"]["summary"]["clip_share"]} for s in result["sets"]],
+        "formats": [{key: f.get(key) for key in ("format", "klds", "verdict", "best", "best_tied", "worst", "worst_tied",
+                                                 "best_vs_worst", "pairs", "curve")} for f in result["formats"]],
+        "coverage_prediction": result["coverage_prediction"], "warnings": result["warnings"],
+        "seconds": seconds, "load_average": {"before": load, "after": load_after},
     })
-    return 0 if ok else 1
+    return 0
 
 
 if __name__ == "__main__":

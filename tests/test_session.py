@@ -10,7 +10,7 @@ import torch
 
 from quantaudit.audit.inputs import candidates
 from quantaudit.audit.settings import AuditSettings
-from quantaudit.calibcheck import CalibCheckSettings
+from quantaudit.calibcheck.command import CalibCheckSettings
 from quantaudit.cli import build_parser, main
 from quantaudit.session import QuantSettings
 from quantaudit.tune.settings import AutotuneSettings
@@ -85,7 +85,7 @@ def test_autotune_and_calib_check_quantize_with_the_shared_flags(stories_flags, 
                                                                   "model.layers.4.mlp.down_proj"))
 
     seen = _recorded_specs(monkeypatch, engine_module)
-    assert main(["calib-check", *stories_flags, *SHARED_FLAGS, "--format", "int8_sq"]) in (0, 3)
+    assert main(["calib-check", *stories_flags, *SHARED_FLAGS, "--formats", "int8_sq", "--sample-counts", "none"]) in (0, 3)
     assert seen == [_parsed("calib-check").quant_spec("int8_sq")]
 
 

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_advise_arguments(p)
     p.set_defaults(func=run_advise)
 
-    from .calibcheck import add_calib_check_arguments, run_calib_check
+    from .calibcheck.command import add_calib_check_arguments, run_calib_check
     from .export.command import add_export_arguments, run_export
     from .tune.cli import add_autotune_arguments, run_autotune
 

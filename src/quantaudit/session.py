@@ -109,8 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             target = groups[meta["group"]]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         kwargs = dict(meta["argparse"])
-        if isinstance(default, list):
-            default = ",".join(default)
+        if isinstance(default, list) and kwargs.get("action") not in ("append", "extend"):
+            default = ",".join(default)  # a comma-separated flag (an appending one keeps its list)
         elif isinstance(default, bool) and "action" not in kwargs:
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
         target.add_argument(meta["flag"], dest=f.name, default=default, help=meta["help"], **kwargs)
@@ -284,12 +284,13 @@ class Session:
         """The model in memory, or the meta-device skeleton of the streamed one (names and shapes only)."""
         return self.lm.model if self.lm is not None else self.parts.skeleton
 
-    def check_spec(self, spec) -> None:
+    def check_spec(self, spec):
         """What quantizing with ``spec`` would refuse on this model (a plan naming an excluded layer, a KV-cache
-        format the head size cannot take, ...), refused now, before any output is touched."""
+        format the head size cannot take, ...), refused now, before any output is touched; returns the
+        engine's ``LayerPlan`` (what each linear becomes, whether calibration is read)."""
         from .quant.engine import plan_layers
 
-        plan_layers(self.model, spec, self.calib)
+        return plan_layers(self.model, spec, self.calib)
 
 
 def open_session(settings: QuantSettings, streamed: bool = False) -> Session:

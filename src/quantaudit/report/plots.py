@@ -77,14 +77,16 @@ def wants_log(values) -> bool:
 def make_scale(values, start: float, end: float, *, include=(), log: bool | None = None,
                integer: bool = False, exact: bool = False) -> Scale:
     """A scale covering ``values`` and ``include``; log10 when ``log`` or (None) ``wants_log``.
-    Linear ends are rounded out to a tick unless ``exact`` (then ticks fall inside)."""
+    Linear ends are rounded out to a tick unless ``exact`` (then ticks fall inside); log ends go to the decades
+    around the values, with room for a bar below the smallest unless ``exact``."""
     vals = [v for v in [*values, *include] if v is not None and math.isfinite(v)] or [0.0, 1.0]
     if log is None:
         log = wants_log(vals)
     if log:
         smallest = min(v for v in vals if v > 0)
         lo = 10.0 ** math.floor(math.log10(smallest))
-        lo = lo / 10 if smallest < 2 * lo else lo  # a bar just above the bottom decade would be invisible
+        if not exact:
+            lo = lo / 10 if smallest < 2 * lo else lo  # a bar just above the bottom decade would be invisible
         hi = 10.0 ** math.ceil(math.log10(max(vals)))
         return Scale(lo, hi if hi > lo else lo * 10, True, start, end)
     lo, hi = min(vals), max(vals)
@@ -247,14 +249,15 @@ def bar_chart(kind: str, title: str, categories: list[str], values: list[float],
 
 
 def line_chart(kind: str, title: str, xs: list[list[int]], series: list[tuple[str, list[float], str]], *,
-               x_label: str, y_label: str, log: bool | None = None) -> str:
-    """One polyline per series (name, ys, colour) over integer x positions ``xs[i]``."""
+               x_label: str, y_label: str, log: bool | None = None, x_log: bool = False) -> str:
+    """One polyline per series (name, ys, colour) over integer x positions ``xs[i]`` (``x_log``: a log10
+    x axis, for counts that grow geometrically)."""
     width, height = 600, 340
     left, right, bottom = 78, 24, 52
     body, top = _legend([(_swatch_line(c), n) for n, _, c in series], left, width - right)
     all_x = [x for row in xs for x in row]
     all_y = [y for _, ys, _ in series for y in ys if y is not None]
-    sx = make_scale(all_x, left, width - right, integer=True, log=False, exact=True)
+    sx = make_scale(all_x, left, width - right, integer=not x_log, log=x_log, exact=True)
     sy = make_scale(all_y, height - bottom, top, log=log)
     body += _value_axis_y(sy, left, width - right, y_label) + _value_axis_x(sx, height - bottom, top, x_label)
     for (name, ys, colour), row in zip(series, xs):

@@ -1,53 +1,34 @@
-"""``quantaudit calib-check``: judge a calibration set against production-like text before quantizing.
+"""Coverage of an evaluation text by a calibration set: the explanations calib-check prints next to its
+measurement (:mod:`quantaudit.calibcheck.command`).
 
 A static activation scale (``fp8``, ``int8_sq_static``, ``w4a8_awq``) is ``max|x| / qmax`` over the
-calibration text; every later activation above that maximum is clipped. So the first question
-about a calibration set is how much of the production text's activations it covers. Measured on
-the unquantized model, for each quantized linear input (one per group of linears that read the
-same input and share a calibrated scale, as ``quantize()`` calibrates them):
+calibration text; every later activation above that maximum is clipped. Measured on the unquantized model,
+for each quantized linear input (one per group of linears that read the same input and share a calibrated
+scale, as ``quantize()`` calibrates them):
 
-* **range coverage**: the share of eval activation values above the calibration's per-tensor
-  maximum (exactly what a static per-tensor scale clips), the share above their own channel's
-  calibration maximum (what a per-channel smoothing scale was not fitted to), and the share of
-  channels whose eval maximum exceeds the calibration one;
-* **token coverage**: share of eval tokens that never occur in the calibration text, the
-  Jensen-Shannon divergence of the two unigram distributions (bits, 0 = identical, 1 = disjoint),
-  and the share of eval tokens at positions beyond the calibration sample length;
-* **sample-count adequacy**: how much each input's calibration maximum still grew over the second
-  half of the samples, and the median running maximum (as a share of the final one) after
-  1, 2, 4, ... samples. Still growing at the end means too few samples;
-* **the practical test**: quantize with the calibration set (and with ``--calib2``) to ``--format``
-  (default ``fp8``, the static-activation format) and measure the KLD on the eval text.
+* **range coverage**: the share of eval activation values above the calibration's per-tensor maximum
+  (exactly what a static per-tensor scale clips), the share above their own channel's calibration maximum
+  (what a per-channel smoothing scale was not fitted to), and the share of channels whose eval maximum
+  exceeds the calibration one;
+* **token coverage**: share of eval tokens that never occur in the calibration text, the Jensen-Shannon
+  divergence of the two unigram distributions (bits, 0 = identical, 1 = disjoint), and the share of eval
+  tokens at positions beyond the calibration sample length;
+* **range growth**: how much each input's calibration maximum still grew over the second half of the
+  samples, and the median running maximum (as a share of the final one) after 1, 2, 4, ... samples.
 
-"better" (with ``--calib2``) is decided from coverage alone, never from the KLD, so that the KLD is
-an independent check of the ranking. The rule, in order: the lower share of clipped eval
-activation values wins when the two differ by more than ``CLEAR_DIFFERENCE`` (relative) and the
-larger is material (``MATERIAL_CLIP_SHARE``); else the lower unigram JS divergence wins when they
-so differ; else the lower share of unseen eval tokens. The KLD check reports whether the measured
-difference agrees, disagrees, or is within ``SIGNIFICANT_SIGMAS`` standard errors; the two KLDs
-are measured on the same eval tokens against the same baseline, so the error is that of the
-per-token paired difference (:func:`quantaudit.metrics.paired_difference`).
+:func:`coverage_prefers` ranks two sets from these figures alone, never from a KLD, so that the measured
+KLDs are an independent check of whether coverage predicts anything (calib-check reports the agreement).
+The rule, in order: the lower share of clipped eval activation values wins when the two differ by more
+than ``CLEAR_DIFFERENCE`` (relative) and the larger is material (``MATERIAL_CLIP_SHARE``); else the lower
+unigram JS divergence wins when they so differ; else the lower share of unseen eval tokens.
 
-Activation maxima are collected with forward pre-hooks and
-:class:`quantaudit.measure.outliers.Moments` (the outlier audit's per-channel maxima), over real
-tokens only (padded positions of the eval windows are excluded).
+Activation maxima are collected with forward pre-hooks and :class:`quantaudit.measure.outliers.Moments`
+(the outlier audit's per-channel maxima), over real tokens only (padded eval positions are excluded).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-from .errors import EXIT_BUDGET_FAILED, EXIT_OK
-from .progress import console
-from .quant.formats import get_format
-from .session import EvalSettings, add_arguments, flag
-
-if TYPE_CHECKING:  # torch is imported when a command runs, not with the CLI
-    import torch
 
 CLIP_REASON_SHARE = 1e-3  # an input with more than 0.1 % of its eval values clipped is named
 MATERIAL_CLIP_SHARE = 1e-5  # below 1 clipped value in 100,000 the clip shares cannot rank two sets
@@ -60,19 +41,7 @@ JS_REASON_BITS = 0.50
 GROWTH_REASON = 0.05  # a maximum that grew > 5 % over the second half of the samples is still growing
 GROWING_REASON_SHARE = 0.25  # ... reported when more than a quarter of the inputs are still growing
 CLEAR_DIFFERENCE = 0.10  # relative difference for one coverage figure to decide "better"
-SIGNIFICANT_SIGMAS = 2.0  # a KLD difference within 2 standard errors does not rank two sets
 REASONS_SHOWN = 5
-
-
-@dataclass
-class CalibCheckSettings(EvalSettings):
-    calib2: str | None = flag("--calib2", None, "an alternative calibration text to compare with", metavar="FILE")
-    format: str = flag("--format", "fp8", "format quantized for the KLD test (default: %(default)s, static activations)")
-    batch_size: int | None = flag("--batch-size", 4, "windows per forward (default: %(default)s)", type=int)
-
-    def check(self) -> None:
-        super().check()
-        get_format(self.format)
 
 
 # ---------------------------------------------------------------- pure statistics
@@ -136,7 +105,7 @@ class _CalibRange:
     def __init__(self, channels: int, samples: int, device):
         import torch
 
-        from .measure.outliers import Moments
+        from ..measure.outliers import Moments
 
         self.moments = Moments(torch.zeros(channels, device=device))
         self.half_channel_max = torch.zeros(channels, device=device)
@@ -165,7 +134,7 @@ class _EvalCoverage:
     def __init__(self, calib: _CalibRange):
         import torch
 
-        from .measure.outliers import Moments
+        from ..measure.outliers import Moments
 
         self.channel_limit = calib.channel_max
         self.tensor_limit = calib.channel_max.max()
@@ -185,7 +154,7 @@ def _inputs_pass(model, points: dict, windows, batch_size: int, description: str
     """Run the decoder (no LM head) over ``windows``; each point's module input goes to its ``add``."""
     import torch
 
-    from .progress import track
+    from ..progress import track
 
     device = next(model.parameters()).device
     current: dict = {}
@@ -279,17 +248,13 @@ def _layer_label(unit_name: str) -> str:
     return unit_name
 
 
-def reasons(coverage: dict, fmt_name: str) -> list[str]:
-    """Readable reasons this calibration set does not cover the eval text (empty: it does)."""
-    from .quant.formats import get_format
-
-    act = get_format(fmt_name).act
-    static = act is not None and not act.dynamic
-    clipper = f"{fmt_name.upper()} static scales will clip them" if static else "static activation scales (fp8, int8_sq_static, w4a8_awq) would clip them"
+def reasons(coverage: dict) -> list[str]:
+    """Readable reasons this calibration set may not cover the eval text (empty: nothing to note)."""
     out = []
     clipped = sorted((r for r in coverage["ranges"] if r["clip_share"] > CLIP_REASON_SHARE), key=lambda r: -r["clip_share"])
     for r in clipped[:REASONS_SHOWN]:
-        out.append(f"{_layer_label(r['name'])}: {100 * r['clip_share']:.2g}% of eval activations exceed the calibration range; {clipper}")
+        out.append(f"{_layer_label(r['name'])}: {100 * r['clip_share']:.2g}% of eval activations exceed the calibration "
+                   "range; static activation scales (fp8, int8_sq_static, w4a8_awq) clip them")
     if len(clipped) > REASONS_SHOWN:
         out.append(f"... and {len(clipped) - REASONS_SHOWN} more inputs with over {100 * CLIP_REASON_SHARE:g}% of eval activations out of range")
     t = coverage["tokens"]
@@ -302,8 +267,8 @@ def reasons(coverage: dict, fmt_name: str) -> list[str]:
                    "longer than any calibration sample")
     a = coverage["adequacy"]
     if a.get("judged") and a["still_growing_share"] > GROWING_REASON_SHARE:
-        out.append(f"too few samples: the calibration maximum of {100 * a['still_growing_share']:.0f}% of inputs still grew by "
-                   f"more than {100 * GROWTH_REASON:g}% over the second half of the {a['samples']} samples")
+        out.append(f"activation ranges still growing: the calibration maximum of {100 * a['still_growing_share']:.0f}% of "
+                   f"inputs grew by more than {100 * GROWTH_REASON:g}% over the second half of the {a['samples']} samples")
     return out
 
 
@@ -330,132 +295,27 @@ def _clearly_lower(a: float, b: float) -> str | None:
     return "a" if a < b else "b"
 
 
-def rank(first: dict, second: dict) -> tuple[str, str]:
-    """("calib" | "calib2", which figure decided) from coverage only (see RANKING_RULE)."""
+def coverage_prefers(first: dict, second: dict) -> tuple[int, str]:
+    """(0 for ``first`` or 1 for ``second``, the figure that decided) from coverage only (see RANKING_RULE)."""
     clip = first["summary"]["clip_share"], second["summary"]["clip_share"]
     figures = [("clip_share", *clip) if max(clip) > MATERIAL_CLIP_SHARE else None,
                ("js_divergence_bits", first["tokens"]["js_divergence_bits"], second["tokens"]["js_divergence_bits"])]
     for name, a, b in filter(None, figures):
         lower = _clearly_lower(a, b)
         if lower:
-            return ("calib" if lower == "a" else "calib2"), name
+            return (0 if lower == "a" else 1), name
     a, b = first["tokens"]["unseen_token_share"], second["tokens"]["unseen_token_share"]
-    return ("calib" if a <= b else "calib2"), "unseen_token_share"
+    return (0 if a <= b else 1), "unseen_token_share"
 
 
-def kld_check(better: torch.Tensor, worse: torch.Tensor) -> dict:
-    """Does the measured KLD agree with the coverage ranking? Per-token KLDs of the set ranked
-    better and the other; ``kld_difference`` = mean(worse - better) with its paired standard error."""
-    from .metrics import paired_difference
-
-    diff, unc = paired_difference(better, worse)
-    verdict = ("agrees" if diff > SIGNIFICANT_SIGMAS * unc else "disagrees" if diff < -SIGNIFICANT_SIGMAS * unc
-               else "not significant")
-    return {"kld_difference": diff, "kld_difference_unc": unc, "kld_agreement": verdict}
-
-
-# ---------------------------------------------------------------- the command
-
-
-def check_one(lm, units, calib, eval_windows, baseline, s: CalibCheckSettings) -> tuple[dict, "torch.Tensor"]:
-    """Every coverage figure of one calibration set, its reasons, and the KLD it yields (with the per-token KLDs)."""
-    from .evaluate import compare_to_baseline
-    from .metrics import PairedAccumulator
-    from .quant import quantize
-
-    ranges = calibration_ranges(lm.model, units, calib, s.batch_size)
+def set_coverage(model, units, calib, eval_windows, batch_size: int) -> dict:
+    """Every coverage figure of one calibration set over ``eval_windows``, and the reasons it gives."""
+    ranges = calibration_ranges(model, units, calib, batch_size)
     coverage = {
-        "source": calib.source, "samples": calib.n, "seq_len": calib.seq_len, "fingerprint": calib.fingerprint,
-        "ranges": range_coverage(lm.model, units, ranges, eval_windows, s.batch_size),
-        "tokens": token_coverage(calib, eval_windows, lm.model.get_input_embeddings().weight.shape[0]),
+        "ranges": range_coverage(model, units, ranges, eval_windows, batch_size),
+        "tokens": token_coverage(calib, eval_windows, model.get_input_embeddings().weight.shape[0]),
         "adequacy": sample_adequacy(ranges),
     }
     coverage["summary"] = coverage_summary(coverage["ranges"])
-    qm = quantize(lm.model, s.quant_spec(s.format), calib)
-    acc = PairedAccumulator()
-    stats = compare_to_baseline(baseline, qm.model, eval_windows, acc=acc)
-    found = reasons(coverage, s.format)
-    return {"kld": stats["kld"]["mean"], "kld_unc": stats["kld"]["unc"], "ppl_ratio": stats["ppl_ratio"],
-            "top1": stats["top1"], "verdict": "ok" if not found else "mismatch", "reasons": found,
-            "coverage": coverage}, acc.per_token("kld")
-
-
-def calib_check(s: CalibCheckSettings, out: Path | None = None) -> dict:
-    """Judge ``s.calib`` (and ``s.calib2``) against ``s.eval``; writes DIR/calib_check.json when ``out`` is given."""
-    from .data import load_windows
-    from .evaluate import build_baseline
-    from .fileio import atomic_write_json, check_out_dir, output_dir
-    from .quant.plan import plan_units
-    from .session import open_session
-
-    s.check()  # every flag, before anything is read or written
-    if out is not None:
-        check_out_dir(out, force=True)  # calib_check.json is added to (or replaced in) the folder
-    session = open_session(s)
-    lm, eval_windows = session.lm, session.eval
-    calibs = {"calib": session.calib}
-    if s.calib2 is not None:
-        calibs["calib2"] = load_windows(s.calib2, lm.tokenizer, s.calib_seq, s.calib_size, s.bos, role="calib")
-    baseline = build_baseline(lm, eval_windows)
-    units = plan_units(lm.model)
-    result = {"model": {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint},
-              "eval": eval_windows.describe(), "format": s.format, "settings": asdict(s)}
-    per_token = {}
-    for role, windows in calibs.items():
-        console.print(f"[bold]{role}[/bold]: {windows.source} ({windows.n} samples x {windows.seq_len} tokens)")
-        result[role], per_token[role] = check_one(lm, units, windows, eval_windows, baseline, s)
-    result["verdict"] = result["calib"]["verdict"]
-    result["reasons"] = result["calib"]["reasons"]
-    if "calib2" in result:
-        better, decided_by = rank(result["calib"]["coverage"], result["calib2"]["coverage"])
-        result.update({"better": better, "decided_by": decided_by, "ranking_rule": RANKING_RULE,
-                       **kld_check(per_token[better], per_token["calib2" if better == "calib" else "calib"])})
-    result["exit_code"] = EXIT_OK if result["verdict"] == "ok" else EXIT_BUDGET_FAILED
-    if out is not None:
-        with output_dir(out, merge=True) as work:
-            atomic_write_json(work / "calib_check.json", result)
-    return result
-
-
-def coverage_table(result: dict):
-    from rich.table import Table
-
-    roles = [r for r in ("calib", "calib2") if r in result]
-    table = Table(title=f"calibration coverage of {result['eval']['source']} ({result['format']} for the KLD)")
-    table.add_column("figure")
-    for r in roles:
-        table.add_column(f"{r}: {result[r]['coverage']['source']}", justify="right")
-    rows = [
-        ("eval activation values beyond calib max", lambda c: f"{100 * c['coverage']['summary']['clip_share']:.4f} %"),
-        ("  worst input", lambda c: f"{100 * c['coverage']['summary']['worst_clip_share']:.3f} %"),
-        ("  values beyond their channel's calib max", lambda c: f"{100 * c['coverage']['summary']['channel_exceed_share']:.3f} %"),
-        ("unseen eval tokens", lambda c: f"{100 * c['coverage']['tokens']['unseen_token_share']:.2f} %"),
-        ("unigram JS divergence (bits)", lambda c: f"{c['coverage']['tokens']['js_divergence_bits']:.4f}"),
-        ("eval tokens beyond calib length", lambda c: f"{100 * c['coverage']['tokens']['beyond_calib_length_share']:.1f} %"),
-        ("inputs whose max still grows", lambda c: f"{100 * c['coverage']['adequacy'].get('still_growing_share', float('nan')):.0f} %"),
-        (f"KLD with {result['format']}", lambda c: f"{c['kld']:.5f} ± {c['kld_unc']:.5f}"),
-        ("verdict", lambda c: c["verdict"]),
-    ]
-    for label, cell in rows:
-        table.add_row(label, *(cell(result[r]) for r in roles))
-    return table
-
-
-def add_calib_check_arguments(p: argparse.ArgumentParser) -> None:
-    add_arguments(p, CalibCheckSettings)
-    p.add_argument("--out", default=None, metavar="DIR", help="write DIR/calib_check.json")
-
-
-def run_calib_check(args) -> int:
-    s = CalibCheckSettings.from_args(args)
-    result = calib_check(s, Path(args.out) if args.out else None)
-    console.print(coverage_table(result))
-    if "better" in result:
-        console.print(f"better calibration set: [bold]{result['better']}[/bold] (decided by {result['decided_by']}); "
-                      f"measured {result['format']} KLD of the other minus this one: {result['kld_difference']:.5f} "
-                      f"± {result['kld_difference_unc']:.5f} ({result['kld_agreement']})")
-    colour = "green" if result["verdict"] == "ok" else "red"
-    console.print(f"[{colour}]verdict: {result['verdict']}[/{colour}]")
-    for reason in result["reasons"]:
-        console.print(f"  - {reason}")
-    return result["exit_code"]
+    coverage["reasons"] = reasons(coverage)
+    return coverage
