@@ -287,6 +287,22 @@ def test_reports_say_what_the_json_holds(checked):
     assert "<script" not in html and "http" not in html
 
 
+def test_the_grid_on_ray_equals_the_sequential_run(ray_installed, checked):
+    """Every set x format job and curve point as a Ray task (a local instance): the same result, with how it ran."""
+    from report_compare import differences, normal
+
+    result, tmp = checked
+    settings = CalibCheckSettings(**{**result["settings"], "ray": "auto"})
+    on_ray = json.loads(json.dumps(calib_check(settings)))
+    found = differences(normal(on_ray, {}, ("ray",)), normal(json.loads(json.dumps(result)), {}, ("ray",)))
+    assert not found, "\n".join(found[:20])
+    jobs = on_ray["ray"]["jobs"]
+    # 3 sets x fp8 and int4_awq, int8_wo once (it reads no calibration), fp8's curve at 1 and 2 samples
+    assert sorted(jobs) == sorted(["fp8.set0", "fp8.set1", "fp8.set2", "int4_awq.set0", "int4_awq.set1",
+                                   "int4_awq.set2", "int8_wo.set0", "fp8.set0.first1", "fp8.set0.first2"])
+    assert all(j["attempts"] == 1 for j in jobs.values())
+
+
 def test_a_worse_calib_exits_3_with_the_measured_reason(shared_dir, tmp_path, capsys):
     calib, _, numbers, eval_path = _sets(shared_dir, tmp_path)
     parser = argparse.ArgumentParser()
@@ -325,6 +341,8 @@ def test_bad_calibration_input_is_a_clear_error(shared_dir, tmp_path):
     refused("--curve-formats int4_gptq not in --formats", "--formats", "fp8", "--curve-formats", "int4_gptq")
     refused("--sample-counts 1,many: give whole numbers", "--sample-counts", "1,many")
     refused("unquantized baseline has nothing to calibrate", "--formats", "none")
+    refused(r"--ray (127\.0\.0\.1:1: cannot reach the Ray head|needs Ray)", "--ray", "127.0.0.1:1")
+    refused("--shared-dir is where Ray workers read the baseline: give --ray too", "--shared-dir", str(tmp_path))
 
 
 def test_eval_text_used_for_calibration_is_warned_as_in_sample(shared_dir, tmp_path):

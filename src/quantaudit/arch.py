@@ -47,6 +47,38 @@ from .moe import LinearExperts
 
 
 @dataclass(frozen=True)
+class ModelDims:
+    """A decoder's dimensions as its Hugging Face config states them, read in one place for the advisor's sizing
+    (:mod:`quantaudit.advise.model_shape`) and the TensorRT-LLM exporter (:mod:`quantaudit.export.linears`)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config, where: str, hint: str = "") -> ModelDims:
+        """From ``config`` (the text config of a multimodal one); a missing dimension is refused naming ``where``
+        (and ``hint``: what to do instead)."""
+        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+        def required(key: str):
+            value = getattr(cfg, key, None)
+            if value is None:
+                raise UserError(f"{where} has no {key}" + (f": {hint}" if hint else ""))
+            return value
+
+        heads, hidden = required("num_attention_heads"), required("hidden_size")
+        return cls(layers=required("num_hidden_layers"), hidden=hidden, heads=heads,
+                   kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(cfg, "head_dim", None) or hidden // heads,
+                   intermediate=required("intermediate_size"), vocab=required("vocab_size"))
+
+
+@dataclass(frozen=True)
 class LinearGroup:
     """Linears of one decoder layer that read the same input, paths relative to the layer."""
 

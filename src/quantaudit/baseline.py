@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import UserError
 from .logits import OutputHead
 from .metrics import BaselineChunk, PerplexityAccumulator, summarize_logits
 from .models import cache_dir
@@ -143,6 +144,15 @@ def open_baseline(path: Path) -> Baseline | None:
     if meta.get("version") != FORMAT_VERSION or not all((path / name).is_file() for name in files):
         return None
     return Baseline(path, meta)
+
+
+def open_shared_baseline(path: Path) -> Baseline:
+    """The baseline a driver published at ``path``, opened in a worker process or node; one line if it cannot."""
+    found = open_baseline(path)
+    if found is None:
+        raise UserError(f"the baseline cache {path} is not readable here: give every worker one folder they all "
+                        "read (--shared-dir)")
+    return found
 
 
 def _remove_stale_tmp(root: Path) -> None:

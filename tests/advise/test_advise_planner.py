@@ -22,7 +22,8 @@ from quantaudit.quant.formats import FORMATS
 STORIES_HF = Path(__file__).resolve().parents[2] / ".." / "shared" / "models" / "stories260K" / "hf"
 
 # SmolLM2-135M as the issue states it: 30 layers, hidden 576, 9/3 heads, head_dim 64, intermediate 1536, vocab 49152
-SMOLLM2 = ModelShape("smollm2", 30, 576, 9, 3, 64, 1536, 49152, True, "hand")
+SMOLLM2 = ModelShape(name="smollm2", layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536,
+                     vocab=49152, tied_embeddings=True, source="hand")
 
 
 @pytest.fixture(scope="module")

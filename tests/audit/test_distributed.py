@@ -1,6 +1,6 @@
 """``audit --ray``: each format a Ray task on a local Ray instance, the report the sequential audit's; a worker
-killed mid-job is retried and the numbers stay the same. Without the ray extra these tests skip (in CI, where
-CI is set and the extra is installed by make install, they fail instead)."""
+killed mid-job is retried and the numbers stay the same. Without the ray extra these tests skip (in CI they fail
+instead: conftest's ``ray_installed``)."""
 
 from __future__ import annotations
 
@@ -18,16 +18,6 @@ from quantaudit.cli import main
 
 FORMATS = "fp8,int8_wo,int4_gptq,int8_sq"
 EXECUTION = ("ray", "shared_dir")  # how the run executed, not what it measured (report["ray"], two settings)
-
-
-@pytest.fixture(scope="module")
-def ray_installed():
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("the ray extra is not installed: CI must run these tests")
-        pytest.skip("the ray extra is not installed (pip install 'quantaudit[ray]')")
 
 
 @pytest.fixture(scope="module")

@@ -17,22 +17,16 @@ from __future__ import annotations
 import math
 import mmap
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ..arch import ModelDims
 from ..errors import UserError
 
 
 @dataclass(frozen=True)
-class ModelShape:
+class ModelShape(ModelDims):
     name: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
     tied_embeddings: bool
     source: str  # where the shape came from, for the report
 
@@ -105,7 +99,8 @@ REFERENCE_LLAMA_SHAPES = (
 
 def reference_shape(name: str) -> ModelShape:
     row = next(r for r in REFERENCE_LLAMA_SHAPES if r[0] == name)
-    return ModelShape(*row, source=f"{name} config.json")
+    keys = ("name", "layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "tied_embeddings")
+    return ModelShape(**dict(zip(keys, row)), source=f"{name} config.json")
 
 
 def shape_from_params(params: float) -> ModelShape:
@@ -144,20 +139,9 @@ def shape_from_hf_config(config, name: str, source: str) -> ModelShape:
         if getattr(cfg, moe_key, None):
             raise UserError(f"{source} describes a mixture-of-experts model ({moe_key}); the advisor models dense "
                             "decoders only: use --params for a dense estimate")
-    heads = _require(getattr(cfg, "num_attention_heads", None), "num_attention_heads", source)
-    hidden = _require(getattr(cfg, "hidden_size", None), "hidden_size", source)
-    return ModelShape(
-        name=name,
-        layers=_require(getattr(cfg, "num_hidden_layers", None), "num_hidden_layers", source),
-        hidden=hidden,
-        heads=heads,
-        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=getattr(cfg, "head_dim", None) or hidden // heads,
-        intermediate=_require(getattr(cfg, "intermediate_size", None), "intermediate_size", source),
-        vocab=_require(getattr(cfg, "vocab_size", None), "vocab_size", source),
-        tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        source=source,
-    )
+    dims = ModelDims.of(cfg, source, "the advisor models Llama-like decoders; use --params instead")
+    return ModelShape(**asdict(dims), name=name, tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+                      source=source)
 
 
 def shape_from_gguf(path: Path, name: str) -> ModelShape:

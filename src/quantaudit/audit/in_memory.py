@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..baseline import Baseline, open_baseline
-from ..errors import UserError
+from ..baseline import Baseline, open_shared_baseline
 from ..evaluate import build_baseline, compare_to_baseline
 from ..fidelity import compare_generations, continuations
 from ..measure.drift import layer_drift
@@ -71,10 +70,7 @@ class Shared:
     def open(self) -> Baseline:
         """The baseline cache, opened where this process reads it (checked complete, of this version)."""
         if self.cache is None:
-            self.cache = open_baseline(self.baseline_path)
-            if self.cache is None:
-                raise UserError(f"the baseline cache {self.baseline_path} is not readable here: give every worker "
-                                "one folder they all read (--shared-dir)")
+            self.cache = open_shared_baseline(self.baseline_path)
         return self.cache
 
     def __getstate__(self):  # sent to a worker without the opened cache

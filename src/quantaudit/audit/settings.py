@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 from dataclasses import asdict, dataclass
 
+from ..cluster import ClusterSettings
 from ..errors import UserError
 from ..measure.budget import DEFAULT_BUDGET, METRICS, Limit, parse_budget
 from ..quant.formats import get_format
@@ -19,39 +18,12 @@ STREAMING_MODES = ("auto", "on", "off")
 SENSITIVITY_GRANULARITIES = ("linear", "decoder", "none")
 MEASURE = "what is measured"
 STREAMING = "models larger than memory"
-DISTRIBUTED = "distributed (Ray)"
 # settings that change how a run executes, not its numbers: left out of the --resume key
 EXECUTION = ("formats", "budget", "batch_size", "device", "gpu", "streaming", "stream_ram_mb", "ray", "shared_dir")
 
 
-CONNECT_SECONDS = 3.0  # an unreachable --ray address is refused after this long
-
-
-def ray_module():
-    """``ray``, or one line naming the extra to install."""
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--ray needs Ray: pip install 'quantaudit[ray]'") from None
-    return ray
-
-
-def check_address(address: str) -> None:
-    """``--ray``: ``auto`` (a local Ray instance) or the ``HOST:PORT`` of a cluster's head, reachable now."""
-    if address == "auto":
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"--ray {address!r}: give auto or the head node's HOST:PORT (e.g. 10.0.0.1:6379)")
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
-    except OSError as exc:
-        raise UserError(f"--ray {address}: cannot reach the Ray head ({exc.strerror or exc}); start it with "
-                        "`ray start --head` or give --ray auto") from None
-
-
 @dataclass
-class AuditSettings(GenerationSettings, TaskSettings, EvalSettings):
+class AuditSettings(GenerationSettings, TaskSettings, EvalSettings, ClusterSettings):
     formats: list[str] = flag("--formats", DEFAULT_FORMATS, "comma-separated formats (see `quantaudit formats`; "
                               "default: %(default)s)")
     plan: str | None = flag("--plan", None, "also audit this mixed-precision plan (autotune's plan.json, or "
@@ -81,13 +53,6 @@ class AuditSettings(GenerationSettings, TaskSettings, EvalSettings):
                                      "memory up to MIB, spill the rest to a temporary folder (default: a quarter of "
                                      "the free memory)", STREAMING, type=int, metavar="MIB")
 
-    # auto: a local Ray instance; HOST:PORT: a cluster's head (quantaudit.audit.distributed)
-    ray: str | None = flag("--ray", None, "run each format as a Ray task: auto starts Ray on this machine, HOST:PORT "
-                           "joins a cluster (pip install 'quantaudit[ray]'); the report is the same", DISTRIBUTED,
-                           metavar="ADDRESS")
-    shared_dir: str | None = flag("--shared-dir", None, "with --ray on a cluster: a folder every node reads and "
-                                  "writes, for the baseline cache and the model cache", DISTRIBUTED, metavar="DIR")
-
     def fingerprint(self) -> str:
         """Identity of everything that changes a format's numbers (for --resume)."""
         fields = {k: v for k, v in asdict(self).items() if k not in EXECUTION}
@@ -111,17 +76,9 @@ class AuditSettings(GenerationSettings, TaskSettings, EvalSettings):
             raise UserError(f"--sensitivity-granularity must be {', '.join(SENSITIVITY_GRANULARITIES)}")
         if self.streaming not in STREAMING_MODES:
             raise UserError(f"--streaming must be {', '.join(STREAMING_MODES)} (got {self.streaming!r})")
-        if self.ray:
-            ray_module()
-            if self.streaming == "on":
-                raise UserError("--ray runs each format's job in memory; a layer-streamed audit runs in one process: "
-                                "drop --ray or --streaming on")
-            if self.shared_dir is not None and not os.access(self.shared_dir, os.W_OK | os.X_OK):
-                raise UserError(f"--shared-dir {self.shared_dir}: not a folder this process can write; give one "
-                                "every node reads and writes")
-            check_address(self.ray)
-        elif self.shared_dir is not None:
-            raise UserError("--shared-dir is where Ray workers read the baseline: give --ray too")
+        if self.ray and self.streaming == "on":
+            raise UserError("--ray runs each format's job in memory; a layer-streamed audit runs in one process: "
+                            "drop --ray or --streaming on")
         if self.generate and self.streaming == "on":
             raise UserError("--generate needs the whole model in memory (generation runs every layer per token); "
                             "use --streaming off or auto")

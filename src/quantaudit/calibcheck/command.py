@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ..cluster import ClusterSettings
 from ..errors import EXIT_BUDGET_FAILED, EXIT_OK, UserError
 from ..progress import console
 from ..quant.formats import get_format
@@ -31,7 +32,7 @@ OUTPUTS = ("calib_check.json", "calib_check.md", "calib_check.html")
 
 
 @dataclass
-class CalibCheckSettings(EvalSettings):
+class CalibCheckSettings(EvalSettings, ClusterSettings):
     calib2: list[str] = flag("--calib2", [], "further calibration texts to compare with --calib (one or more files; "
                              "the flag may repeat)", nargs="+", action="extend", metavar="FILE")
     formats: list[str] = flag("--formats", CALIBRATED_FORMATS, "formats quantized with every set, comma-separated "
@@ -130,6 +131,74 @@ def _measure(lm, spec, calib, baseline, eval_windows, batch_size) -> tuple[dict,
     return summary, acc.per_token("kld")
 
 
+@dataclass(frozen=True)
+class Job:
+    """One quantize-and-measure: ``format`` calibrated on set ``set`` (its index: --calib is 0), on its first
+    ``samples`` samples (None: all of them)."""
+
+    format: str
+    set: int
+    samples: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.format}.set{self.set}" + ("" if self.samples is None else f".first{self.samples}")
+
+
+def _jobs(s: CalibCheckSettings, n_sets: int, calibrated: dict[str, bool], counts: list[int]) -> list[Job]:
+    """Every set x format (once for a format that reads no calibration), then the curves' smaller counts."""
+    jobs = [Job(name, i) for name in s.formats for i in range(n_sets if calibrated[name] else 1)]
+    curves = [name for name in (s.curve_formats or s.formats) if calibrated[name]]
+    return jobs + [Job(name, 0, count) for name in curves for count in counts[:-1]]
+
+
+def _label(job: Job, sets: list[_Set]) -> str:
+    where = sets[job.set].label
+    return where if job.samples is None else f"the first {job.samples} sample(s) of {where}"
+
+
+def _run_here(jobs: list[Job], lm, sets: list[_Set], baseline, eval_windows, s: CalibCheckSettings) -> dict:
+    """The jobs one after another in this process, on the model it holds."""
+    results = {}
+    for job in jobs:
+        console.print(f"[bold]{job.format}[/bold] calibrated on {_label(job, sets)}")
+        calib = sets[job.set].windows
+        results[job] = _measure(lm, s.quant_spec(job.format), calib if job.samples is None else calib.subset(job.samples),
+                                baseline, eval_windows, s.batch_size)
+    return results
+
+
+def run_job(s: CalibCheckSettings, job: Job, baseline_path: Path, attempts: Path) -> tuple[dict, object]:
+    """One job in a Ray worker: the model and texts read again from the settings, the published baseline opened."""
+    from ..baseline import open_shared_baseline
+    from ..cluster import record_attempt
+    from ..session import open_session
+
+    record_attempt(attempts, job.name)
+    one = replace(s, calib=s.calib_sets()[job.set], calib2=[])
+    session = open_session(one)
+    calib = session.calib if job.samples is None else session.calib.subset(job.samples)
+    return _measure(session.lm, one.quant_spec(job.format), calib, open_shared_baseline(baseline_path), session.eval,
+                    s.batch_size)
+
+
+def _run_on_ray(jobs: list[Job], baseline, s: CalibCheckSettings) -> tuple[dict, dict]:
+    """The jobs as Ray tasks (:mod:`quantaudit.cluster`); also what the result records of the run."""
+    import tempfile
+
+    from ..cluster import connected, run_description, run_jobs
+    from ..models import cache_dir
+
+    with tempfile.TemporaryDirectory(prefix="calib-check-jobs-", dir=cache_dir()) as attempts:
+        with connected(s.ray, cache_dir()) as ray:
+            settings = ray.put(s)
+            arguments = {job.name: (settings, job, baseline.path, Path(attempts)) for job in jobs}
+            by_name = {job.name: job for job in jobs}
+            results = {by_name[name]: result for name, result in run_jobs(ray, run_job, arguments, device=s.device,
+                                                                           what="calibration")}
+            return results, run_description(s.ray, ray, Path(attempts), list(by_name))
+
+
 def _curve_counts(requested: list[int], held: int) -> list[int]:
     """The requested counts the set can give, and the whole set as the last point."""
     return sorted({c for c in requested if c < held} | {held}) if requested else []
@@ -143,7 +212,7 @@ def calib_check(s: CalibCheckSettings, out: Path | None = None) -> dict:
     from ..report.calibcheck import render_calib_check_html, render_calib_check_markdown
     from ..session import open_session
     from .coverage import RANKING_RULE, coverage_prefers, set_coverage
-    from .verdict import coverage_agreement, flattening, sensitivity
+    from .verdict import coverage_agreement
 
     s.check()  # every flag, before anything is read or written
     if out is not None:
@@ -160,10 +229,11 @@ def calib_check(s: CalibCheckSettings, out: Path | None = None) -> dict:
     for w in warnings:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
 
+    s.use_shared_dir()  # with --ray: the baseline is published where every worker reads it
     baseline = build_baseline(lm, eval_windows, batch_size=s.batch_size)
     units = plan_units(lm.model)
     result = {"model": {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint},
-              "eval": eval_windows.describe(), "settings": asdict(s), "warnings": warnings, "sets": [], "formats": []}
+              "eval": eval_windows.describe(), "settings": asdict(s), "warnings": warnings, "sets": []}
     for cs in sets:
         w = cs.windows
         console.print(f"[bold]{cs.label}[/bold]: coverage of the eval text ({w.n} samples x {w.seq_len} tokens)")
@@ -174,29 +244,12 @@ def calib_check(s: CalibCheckSettings, out: Path | None = None) -> dict:
 
     chosen = sets[0]
     counts = _curve_counts(s.counts(), chosen.windows.n)
-    for name in s.formats:
-        klds, per_token = {}, {}
-        for cs in sets:
-            if not calibrated[name] and per_token:
-                first = next(iter(per_token))
-                klds[cs.label], per_token[cs.label] = klds[first], per_token[first]
-                continue
-            console.print(f"[bold]{name}[/bold] calibrated on {cs.label}")
-            klds[cs.label], per_token[cs.label] = _measure(lm, specs[name], cs.windows, baseline, eval_windows,
-                                                           s.batch_size)
-        entry = {"format": name, "uses_calibration": calibrated[name], "klds": klds, **sensitivity(per_token)}
-        if counts and name in (s.curve_formats or s.formats) and calibrated[name]:
-            curve, per_count = {}, {chosen.windows.n: per_token[chosen.label]}
-            curve[chosen.windows.n] = klds[chosen.label]
-            for count in counts[:-1]:
-                console.print(f"[bold]{name}[/bold] calibrated on the first {count} sample(s) of {chosen.label}")
-                curve[count], per_count[count] = _measure(lm, specs[name], chosen.windows.subset(count), baseline,
-                                                          eval_windows, s.batch_size)
-            flat = flattening(per_count)
-            for point in flat["points"]:
-                point.update(kld=curve[point["samples"]]["kld"], kld_unc=curve[point["samples"]]["kld_unc"])
-            entry["curve"] = {"set": chosen.label, **flat}
-        result["formats"].append(entry)
+    jobs = _jobs(s, len(sets), calibrated, counts)
+    if s.ray:
+        measured, result["ray"] = _run_on_ray(jobs, baseline, s)
+    else:
+        measured = _run_here(jobs, lm, sets, baseline, eval_windows, s)
+    result["formats"] = [_format_entry(name, calibrated[name], sets, jobs, measured) for name in s.formats]
 
     def prefers(a: str, b: str) -> str:
         return (a, b)[coverage_prefers(coverage[a], coverage[b])[0]]
@@ -212,6 +265,25 @@ def calib_check(s: CalibCheckSettings, out: Path | None = None) -> dict:
             atomic_write_text(work / "calib_check.md", render_calib_check_markdown(result))
             atomic_write_text(work / "calib_check.html", render_calib_check_html(result))
     return result
+
+
+def _format_entry(name: str, calibrated: bool, sets: list[_Set], jobs: list[Job], measured: dict) -> dict:
+    """One format's KLD per set, its verdict, and its sample-count curve on --calib (set 0) where measured."""
+    from .verdict import flattening, sensitivity
+
+    klds, per_token = {}, {}
+    for i, cs in enumerate(sets):
+        klds[cs.label], per_token[cs.label] = measured[Job(name, i if calibrated else 0)]
+    entry = {"format": name, "uses_calibration": calibrated, "klds": klds, **sensitivity(per_token)}
+    points = {job.samples: measured[job] for job in jobs if job.format == name and job.samples is not None}
+    if points:
+        points[sets[0].windows.n] = measured[Job(name, 0)]
+        flat = flattening({count: per_count for count, (_, per_count) in points.items()})
+        for point in flat["points"]:
+            summary = points[point["samples"]][0]
+            point.update(kld=summary["kld"], kld_unc=summary["kld_unc"])
+        entry["curve"] = {"set": sets[0].label, **flat}
+    return entry
 
 
 def _reasons(result: dict, chosen: str) -> list[str]:

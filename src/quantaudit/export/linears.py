@@ -10,12 +10,12 @@ parts; if they are not, exporting would change the audited numbers, so it is ref
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from ..arch import ARCHITECTURES, SparseMoE, TrtllmDecoder, TrtllmSlot
+from ..arch import ARCHITECTURES, ModelDims, SparseMoE, TrtllmDecoder, TrtllmSlot
 from ..errors import UserError
 from ..quant.weightonly import load_source
 from .layout import Storage, TensorSpec, hf_writes
@@ -25,16 +25,9 @@ FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"  # tra
 
 
 @dataclass(frozen=True)
-class ModelFacts:
+class ModelFacts(ModelDims):
     decoder: TrtllmDecoder
     model_type: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
     eps: float
     rope_theta: float
     rotary_pct: float
@@ -133,10 +126,8 @@ def model_facts(config, max_seq_len: int) -> ModelFacts:
         moe_config = {key: getattr(config, hf_key) for key, hf_key in decoder.moe.hf_keys}
         moe_config["normalization_mode"] = decoder.moe.normalization_mode
     return ModelFacts(
-        decoder=decoder, model_type=model_type, layers=config.num_hidden_layers, hidden=config.hidden_size,
-        heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-        intermediate=config.intermediate_size, vocab=config.vocab_size, eps=eps, rope_theta=full_theta,
+        **asdict(ModelDims.of(config, f"the {model_type} config")), decoder=decoder, model_type=model_type, eps=eps,
+        rope_theta=full_theta,
         rotary_pct=float(rotary_pct or 1.0), max_positions=config.max_position_embeddings, hidden_act=trt_act,
         norm_offset=arch.norm_offset, family_config=family, sliding_window=window if sliding else None,
         sparse=arch.moe if decoder.moe else None, moe_config=moe_config,
