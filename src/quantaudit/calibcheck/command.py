@@ -28,7 +28,6 @@ from ..session import EvalSettings, add_arguments, flag
 # The calibration-dependent formats of the audit's default list, and int8_sq_static (ModelOpt's int8_sq).
 CALIBRATED_FORMATS = ["int4_awq", "int4_gptq", "w4a8_awq", "int8_sq_static", "fp8"]
 SAMPLE_COUNTS = ["1", "4", "16", "64"]
-OUTPUTS = ("calib_check.json", "calib_check.md", "calib_check.html")
 
 
 @dataclass
@@ -220,8 +219,7 @@ def calib_check(s: CalibCheckSettings, out: Path | None = None) -> dict:
     session = open_session(s)
     lm, eval_windows = session.lm, session.eval
     sets, warnings = _load_sets(s, session)
-    specs = {name: s.quant_spec(name) for name in s.formats}
-    calibrated = {name: session.check_spec(spec).calibrating for name, spec in specs.items()}
+    calibrated = {name: session.check_spec(s.quant_spec(name)).calibrating for name in s.formats}
     for name, uses in calibrated.items():
         if not uses:
             warnings.append(f"{name} reads no calibration data (without a KV-cache format): every set gives the same "
