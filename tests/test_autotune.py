@@ -212,6 +212,27 @@ def test_effective_bits_target_is_met_with_lower_kld_than_the_uniform_that_fits(
         autotune(dataclasses.replace(settings, effective_bits=2.0), tmp_path / "again", force=True)
 
 
+def test_autotune_on_ray_equals_the_sequential_run(ray_installed, tuned, tmp_path):
+    """--ray: each format's quantize, evaluation and unit sensitivities a Ray task that sends back only the
+    quantized linears; autotune.json equals the sequential run's field for field, timings and ``ray`` aside. With
+    a SmoothQuant format (its linears travel wrapped, the smoothing undone) and an FP8 KV cache (the base the
+    workers rebuild is quantized too)."""
+    from report_compare import differences, normal
+
+    from quantaudit.tune import autotune
+
+    settings = dataclasses.replace(tuned[0], formats=["int4_wo", "int8_sq"], kv_cache="fp8", budget="kld<=0.05")
+    sequential = autotune(settings, tmp_path / "sequential")
+    on_ray = autotune(dataclasses.replace(settings, ray="auto"), tmp_path / "ray")
+    found = differences(normal(on_ray, {}, ("ray",)), normal(sequential, {}, ("ray",)))
+    assert not found, "\n".join(found[:20])
+    assert set(sequential["plan"].values()) > {"int8_sq"}  # SmoothQuant linears really in the composed plans
+    assert "ray" not in sequential
+    assert on_ray["ray"]["jobs"] == {f: {"attempts": 1, "node": on_ray["ray"]["jobs"][f]["node"]}
+                                     for f in ("int4_wo", "int8_sq", "int8_wo")}
+    assert json.loads((tmp_path / "ray" / "autotune.json").read_text())["ray"] == on_ray["ray"]
+
+
 def test_cli_arguments_and_bad_input(tmp_path):
     from quantaudit.tune import add_autotune_arguments, run_autotune
 
@@ -230,4 +251,10 @@ def test_cli_arguments_and_bad_input(tmp_path):
     (tmp_path / "used" / "autotune.json").write_text("{}")
     args = parser.parse_args(["--out", str(tmp_path / "used"), "--budget", "kld<=0.1"])
     with pytest.raises(UserError, match="not empty: pass --force"):
+        run_autotune(args)
+    args = parser.parse_args(["--out", str(tmp_path / "o"), "--budget", "kld<=0.1", "--shared-dir", str(tmp_path)])
+    with pytest.raises(UserError, match="--shared-dir is where Ray workers read the baseline: give --ray too"):
+        run_autotune(args)
+    args = parser.parse_args(["--out", str(tmp_path / "o"), "--budget", "kld<=0.1", "--ray", "127.0.0.1:1"])
+    with pytest.raises(UserError, match=r"--ray (127\.0\.0\.1:1: cannot reach the Ray head|needs Ray)"):
         run_autotune(args)

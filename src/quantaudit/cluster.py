@@ -1,11 +1,14 @@
 """Independent jobs on Ray (``--ray auto|HOST:PORT``): the flags, the connection, and one loop that runs jobs.
 
-``audit`` (one job per format) and ``calib-check`` (one per calibration set x format, and per point of a
-sample-count curve) share this. A job is a plain function run as a Ray task with one CPU (or one GPU where
-the cluster has them and ``--device cuda``); it records each attempt (process, node) in a folder, so a report
-can say how many attempts each job took. A task whose worker dies is run again by Ray (``max_retries``,
-:data:`MAX_RETRIES`); one that fails with a user error is not retried, and the error is raised once in the
-driver, as a sequential run would raise it.
+``audit`` (one job per format), ``calib-check`` (one per calibration set x format, and per point of a
+sample-count curve) and ``autotune`` (one per ladder format) share this. A job is a plain function run as a
+Ray task with one CPU (or one GPU where the cluster has them and ``--device cuda``); it records each attempt
+(process, node) in a folder, so a report can say how many attempts each job took. A task whose worker dies is
+run again by Ray (``max_retries``, :data:`MAX_RETRIES`); one that fails with a user error is not retried, and
+the error is raised once in the driver, as a sequential run would raise it.
+
+Progress: each worker sends its bars' progress to a small actor (:class:`Board`); the driver draws one bar
+per job from it (:class:`~quantaudit.progress.JobBars`).
 
 Ray is an extra (``pip install 'quantaudit[ray]'``), imported only when ``--ray`` is given.
 """
@@ -22,12 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .progress import console, track
+from .progress import JobBars, console, reported_to
 from .session import Settings, flag
 
 DISTRIBUTED = "distributed (Ray)"
 CONNECT_SECONDS = 3.0  # an unreachable --ray address is refused after this long
 MAX_RETRIES = 2  # a job whose worker dies is run at most this many more times
+REPORT_SECONDS = 0.2  # a worker sends its progress at most this often (and at each step's start and end)
+POLL_SECONDS = 0.2  # how often the driver redraws the jobs' bars
 
 
 def ray_module():
@@ -122,29 +127,68 @@ def _attempts(jobs: Path, names: list[str]) -> dict[str, dict]:
     return out
 
 
+class Board:
+    """A Ray actor holding each job's latest progress, ``{job: (description, done, total)}``: written by the
+    workers, read by the driver."""
+
+    def __init__(self):
+        self.state: dict[str, tuple[str, int, int | None]] = {}
+
+    def update(self, job: str, description: str, done: int, total: int | None) -> None:
+        self.state[job] = (description, done, total)
+
+    def read(self) -> dict[str, tuple[str, int, int | None]]:
+        return self.state
+
+
+def _reporting_job(job: Callable, board, name: str, *args):
+    """``job(*args)`` in a worker, its progress bars sent to ``board`` (at most every REPORT_SECONDS)."""
+    last = 0.0
+
+    def report(description: str, done: int, total: int | None) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if done == 0 or done == total or now - last >= REPORT_SECONDS:
+            last = now
+            board.update.remote(name, description, done, total)
+
+    with reported_to(report):
+        return job(*args)
+
+
 def run_jobs(ray, job: Callable, arguments: dict[str, tuple], *, device: str, what: str) -> Iterator[tuple[str, object]]:
-    """Run ``job(*arguments[name])`` for every name as Ray tasks; yield ``(name, result)`` as each finishes.
-    Shared arguments should be ``ray.put`` references (sent to each node once)."""
+    """Run ``job(*arguments[name])`` for every name as Ray tasks; yield ``(name, result)`` as each finishes, with
+    a bar per job meanwhile. Shared arguments should be ``ray.put`` references (sent to each node once)."""
     resources = ray.cluster_resources()
     gpus = 1 if resources.get("GPU", 0) >= 1 and device.startswith("cuda") else 0
-    remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=MAX_RETRIES, retry_exceptions=False)(job)
-    pending = {remote.remote(*args): name for name, args in arguments.items()}
+    remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=MAX_RETRIES, retry_exceptions=False)(_reporting_job)
+    board = ray.remote(num_cpus=0)(Board).remote()
+    pending = {remote.remote(job, board, name, *args): name for name, args in arguments.items()}
     console.print(f"[bold]ray[/bold]: {len(pending)} {what} jobs on {int(resources.get('CPU', 0))} CPUs and "
                   f"{int(resources.get('GPU', 0))} GPUs")
-    for _ in track(range(len(pending)), f"{what} on ray", total=len(pending)):
-        done, _waiting = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(done[0])
-        try:
-            result = ray.get(done[0])
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(exc.cause, Exception) else None
-            if isinstance(cause, UserError):
-                raise cause from None
-            raise RuntimeError(f"{name}: {cause or exc}") from None
-        except ray.exceptions.WorkerCrashedError:
-            raise RuntimeError(f"{name}: its worker died {MAX_RETRIES + 1} times") from None
-        console.print(f"[bold]{name}[/bold]: measured")
-        yield name, result
+    with JobBars(list(arguments)) as bars:
+        while pending:
+            done, _waiting = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
+            bars.show(ray.get(board.read.remote()))
+            for ref in done:
+                name = pending.pop(ref)
+                result = _result(ray, ref, name)
+                bars.finish(name)
+                console.print(f"[bold]{name}[/bold]: measured")
+                yield name, result
+
+
+def _result(ray, ref, name: str):
+    """A finished task's result; its user error raised as it is, any other failure in one line naming the job."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(exc.cause, Exception) else None
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise RuntimeError(f"{name}: {cause or exc}") from None
+    except ray.exceptions.WorkerCrashedError:
+        raise RuntimeError(f"{name}: its worker died {MAX_RETRIES + 1} times") from None
 
 
 def run_description(address: str, ray, jobs: Path, names: list[str]) -> dict:

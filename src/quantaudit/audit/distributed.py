@@ -15,7 +15,7 @@ with a user error is not retried, and the error is reported once. Every attempt 
 finished formats are in ``DIR/formats`` as always, so ``--resume`` works across cluster runs.
 
 The Ray plumbing (flags, connection, the job loop, attempt records) is :mod:`quantaudit.cluster`, shared
-with calib-check. Not distributed: layer-streamed audits (refused with ``--ray``) and autotune.
+with calib-check and autotune. Not distributed: layer-streamed audits (refused with ``--ray``).
 """
 
 from __future__ import annotations

@@ -29,29 +29,45 @@ from .settings import NONE
 
 
 @dataclass
+class FormatParts:
+    """What a plan takes from one format's whole-model quantization: each linear's record (its bytes, whether the
+    engine quantizes it) and the module that puts it, quantized, into the baseline. Only the linears travel: a Ray
+    worker sends this back, not the whole model."""
+
+    layers: dict[str, LayerRecord]
+    modules: dict[str, nn.Module]  # the quantized linears of the plan units, ready to swap in
+    weight_bytes: int  # the whole uniform model's
+
+    @classmethod
+    def of(cls, qm: QuantizedModel, units: list[PlanUnit]) -> FormatParts:
+        modules = {}
+        for name in (n for u in units for n in u.linears):
+            record = qm.layers[name]
+            if record.quantized:
+                module, details = qm.model.get_submodule(name), record.details
+                modules[name] = InputScaled(module, 1.0 / details["smoothing_scale"]) if details.get("smoothed_into") else module
+        return cls(dict(qm.layers), modules, qm.weight_bytes())
+
+
+@dataclass
 class Candidates:
     base: nn.Module
     units: list[PlanUnit]
-    models: dict[str, QuantizedModel]  # format -> the whole model quantized uniformly to it
+    parts: dict[str, FormatParts]  # format -> what the whole model quantized uniformly to it gives a plan
 
     def quantizes(self, unit: PlanUnit, fmt: str) -> bool:
-        return fmt != NONE and all(self.models[fmt].layers[n].quantized for n in unit.linears)
+        return fmt != NONE and all(self.parts[fmt].layers[n].quantized for n in unit.linears)
 
     def replacements(self, unit: PlanUnit, fmt: str) -> dict[str, nn.Module]:
         """Modules that put ``unit`` in ``fmt`` into the baseline (nothing for 16-bit)."""
         if not self.quantizes(unit, fmt):
             return {}
-        qm = self.models[fmt]
-        out = {}
-        for name in unit.linears:
-            module, details = qm.model.get_submodule(name), qm.layers[name].details
-            out[name] = InputScaled(module, 1.0 / details["smoothing_scale"]) if details.get("smoothed_into") else module
-        return out
+        return {name: self.parts[fmt].modules[name] for name in unit.linears}
 
     def unit_bytes(self, unit: PlanUnit, fmt: str) -> int:
         """Stored bytes of the unit's linears in ``fmt`` (16-bit where the engine leaves them unquantized)."""
         if self.quantizes(unit, fmt):
-            return sum(self.models[fmt].layers[n].storage_bytes() for n in unit.linears)
+            return sum(self.parts[fmt].layers[n].storage_bytes() for n in unit.linears)
         total = 0
         for name in unit.linears:
             linear = self.base.get_submodule(name)
@@ -60,9 +76,9 @@ class Candidates:
 
     def fixed_bytes(self) -> int:
         """Weight bytes outside the tuned linears (embeddings, norms, lm_head): the same in every plan."""
-        qm = next(iter(self.models.values()))
+        parts = next(iter(self.parts.values()))
         tuned = {n for u in self.units for n in u.linears}
-        return qm.weight_bytes() - sum(r.storage_bytes() for n, r in qm.layers.items() if n in tuned)
+        return parts.weight_bytes - sum(r.storage_bytes() for n, r in parts.layers.items() if n in tuned)
 
     def options(self, ladder: list[str]) -> dict[str, list[str]]:
         """Per unit, the ladder formats that really quantize it; 16-bit ``none`` where none does."""
@@ -72,22 +88,17 @@ class Candidates:
             out[unit.name] = usable or [NONE]
         return out
 
-    def sensitivities(self, options: dict[str, list[str]], windows: Windows) -> dict[tuple[str, str], float]:
-        """KLD with only one unit in one format (the audit's sensitivity); 0 for 16-bit."""
-        by_name = {u.name: u for u in self.units}
-        swaps = {(u, f): self.replacements(by_name[u], f) for u, fmts in options.items() for f in fmts if f != NONE}
-        labels = {f"{u} @ {f}": (u, f) for u, f in swaps}
-        measured = sensitivity_kld(self.base, {label: swaps[k] for label, k in labels.items()}, windows,
-                                   description="unit sensitivity") if swaps else {}
-        out = {(u, f): 0.0 for u, fmts in options.items() for f in fmts}
-        out.update({labels[label]: value for label, value in measured.items()})
-        return out
+    def sensitivities(self, fmt: str, windows: Windows) -> dict[str, float]:
+        """Per unit ``fmt`` quantizes: the KLD with only that unit in ``fmt`` (the audit's sensitivity)."""
+        swaps = {u.name: self.replacements(u, fmt) for u in self.units if self.quantizes(u, fmt)}
+        return sensitivity_kld(self.base, swaps, windows, description=f"unit sensitivity, {fmt}") if swaps else {}
 
-    def table(self, ladder: list[str], windows: Windows) -> dict[str, list[Option]]:
-        options = self.options(ladder)
-        sens = self.sensitivities(options, windows)
+    def table(self, ladder: list[str], sensitivity: dict[str, dict[str, float]]) -> dict[str, list[Option]]:
+        """Per unit, its options: each usable format's bytes and sensitivity (``sensitivity[format][unit]``; 0 for
+        16-bit)."""
         by_name = {u.name: u for u in self.units}
-        return {u: [Option(f, self.unit_bytes(by_name[u], f), sens[(u, f)]) for f in fmts] for u, fmts in options.items()}
+        return {u: [Option(f, self.unit_bytes(by_name[u], f), 0.0 if f == NONE else sensitivity[f][u]) for f in fmts]
+                for u, fmts in self.options(ladder).items()}
 
     def composed(self, plan: dict[str, Option]):
         """Context manager: the baseline with every unit of ``plan`` swapped to its format."""

@@ -2,12 +2,14 @@
 
 Steps, each measured on the same evaluation windows and the same cached baseline:
 
-1. quantize the whole model once per candidate format (``--formats`` and ``--fallback``) and
-   evaluate each: these are the uniform formats, real ``quantize()`` results;
-2. per-unit sensitivity in every format (:mod:`quantaudit.tune.candidates`);
-3. the search (:mod:`quantaudit.tune.search`), measuring plans composed from the per-format
+1. per candidate format (``--formats`` and ``--fallback``), one job: quantize the whole model, evaluate
+   it (the uniform formats, real ``quantize()`` results), and measure each unit's sensitivity in it
+   (:mod:`quantaudit.tune.candidates`). With ``--ray`` each job is a Ray task that sends back only the
+   quantized linears (:class:`~quantaudit.tune.candidates.FormatParts`); the rest runs in this process,
+   which holds the 16-bit model and those linears, as a sequential run does;
+2. the search (:mod:`quantaudit.tune.search`), measuring plans composed from the per-format
    models' modules;
-4. the chosen plan is quantized for real with ``quantize(QuantSpec(plan=...))`` and evaluated:
+3. the chosen plan is quantized for real with ``quantize(QuantSpec(plan=...))`` and evaluated:
    that is the reported result (what ``export`` writes). If the composed estimate was too
    optimistic and the real plan misses the budget, more units are raised along the greedy order
    and the plan is quantized again (at most ``verify_attempts`` times). The result is never worse
@@ -25,10 +27,11 @@ import datetime as dt
 import math
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..baseline import open_shared_baseline
 from ..errors import EXIT_BUDGET_FAILED, EXIT_OK, UserError
 from ..evaluate import build_baseline, compare_to_baseline
 from ..fileio import atomic_write_json, atomic_write_text, check_out_dir, output_dir
@@ -38,7 +41,7 @@ from ..quant import QuantSpec, quantize
 from ..quant.formats import get_format
 from ..quant.plan import effective_bits, expand_plan, plan_units
 from ..session import open_session
-from .candidates import Candidates
+from .candidates import Candidates, FormatParts
 from .search import Option, Searcher, Trial, greedy_moves, plan_bytes, predicted, search_budget, search_size
 from .settings import NONE, AutotuneSettings
 
@@ -60,19 +63,32 @@ def _point(label: str, source: str, weight_bytes: int, linear_bytes: int, params
             "predicted_kld": predicted_kld, "ppl_ratio": summary["ppl_ratio"], "top1": summary["top1"], "passed": passed}
 
 
-class _Tuner:
-    """Holds what every step shares: model, windows, baseline, candidates, option table."""
+@dataclass
+class Uniform:
+    """One format quantized for the whole model: its evaluation, what plans take from it, and each unit's
+    sensitivity in it (``{unit: KLD}``). What a Ray worker returns (small: the quantized linears only)."""
 
-    def __init__(self, s: AutotuneSettings, limits: list[Limit]):
+    summary: dict
+    parts: FormatParts | None  # None for 16-bit
+    sensitivity: dict[str, float]
+
+
+class _Tuner:
+    """Holds what every step shares: model, windows, baseline, candidates, option table. In a Ray worker the
+    baseline the driver published is opened (``baseline_path``) rather than built."""
+
+    def __init__(self, s: AutotuneSettings, limits: list[Limit], baseline_path: Path | None = None):
         self.s, self.limits = s, limits
         session = open_session(s)
         self.lm, self.eval, self.calib = session.lm, session.eval, session.calib
-        self.baseline = build_baseline(self.lm, self.eval, batch_size=s.batch_size)
+        self.baseline = (build_baseline(self.lm, self.eval, batch_size=s.batch_size) if baseline_path is None
+                         else open_shared_baseline(baseline_path))
         self.units = plan_units(self.lm.model)
         self.params = sum(u.params for u in self.units)
         # What plans are composed on: the 16-bit model, with its KV cache quantized as --kv-cache says (scales
         # calibrated on it: the composed estimate's third approximation, see tune.candidates)
         self.base = self.lm.model if s.kv_cache == "none" else self.quantize(self.spec(NONE)).model
+        self.distributed: dict | None = None  # with --ray: how the jobs ran (cluster.run_description)
 
     def passes(self, summary: dict) -> bool:
         return not check_budget(summary, self.limits)
@@ -86,17 +102,42 @@ class _Tuner:
     def spec(self, fmt: str, plan: dict[str, str] | None = None) -> QuantSpec:
         return self.s.quant_spec(fmt, plan)
 
-    def uniform(self) -> tuple[Candidates, dict[str, dict]]:
-        """Quantize and evaluate each format once for the whole model."""
-        models, summaries = {}, {}
-        for fmt in self.s.ladder:
-            console.print(f"[bold]{fmt}[/bold]: {get_format(fmt).description}")
-            if fmt == NONE:
-                summaries[fmt] = self.evaluate(self.base)
-                continue
-            models[fmt] = self.quantize(self.spec(fmt))
-            summaries[fmt] = self.evaluate(models[fmt].model)
-        return Candidates(self.base, self.units, models), summaries
+    def measure_uniform(self, fmt: str) -> Uniform:
+        """``fmt`` for the whole model: quantized, evaluated, and each unit's sensitivity measured in it."""
+        qm = self.quantize(self.spec(fmt))
+        summary = self.evaluate(qm.model)
+        parts = FormatParts.of(qm, self.units)
+        windows = self.eval.subset(self.s.sensitivity_windows)
+        return Uniform(summary, parts, Candidates(self.base, self.units, {fmt: parts}).sensitivities(fmt, windows))
+
+    def uniform(self) -> dict[str, Uniform]:
+        """Every ladder format for the whole model (:meth:`measure_uniform`), one after another or as Ray tasks."""
+        quantized = [f for f in self.s.ladder if f != NONE]
+        if self.s.ray:
+            measured = self._uniform_on_ray(quantized)
+        else:
+            measured = {}
+            for fmt in quantized:
+                console.print(f"[bold]{fmt}[/bold]: {get_format(fmt).description}")
+                measured[fmt] = self.measure_uniform(fmt)
+        if NONE in self.s.ladder:
+            measured[NONE] = Uniform(self.evaluate(self.base), None, {})
+        return {f: measured[f] for f in self.s.ladder}
+
+    def _uniform_on_ray(self, formats: list[str]) -> dict[str, Uniform]:
+        """One Ray task per format (:func:`run_job`), on the baseline this process published."""
+        import tempfile
+
+        from ..cluster import connected, run_description, run_jobs
+        from ..models import cache_dir
+
+        with tempfile.TemporaryDirectory(prefix="autotune-jobs-", dir=cache_dir()) as attempts:
+            with connected(self.s.ray, cache_dir()) as ray:
+                settings = ray.put(self.s)
+                arguments = {fmt: (settings, fmt, self.baseline.path, Path(attempts)) for fmt in formats}
+                measured = dict(run_jobs(ray, run_job, arguments, device=self.s.device, what="format"))
+                self.distributed = run_description(self.s.ray, ray, Path(attempts), formats)
+        return measured
 
     def trial_point(self, t: Trial, fixed: int) -> dict:
         linear = plan_bytes(t.plan)
@@ -109,6 +150,15 @@ class _Tuner:
         spec = self.spec(most_common, expand_plan(self.units, {u: o.format for u, o in plan.items()}))
         qm = self.quantize(spec)
         return qm, self.evaluate(qm.model)
+
+
+def run_job(s: AutotuneSettings, fmt: str, baseline_path: Path, attempts: Path) -> Uniform:
+    """One format in a Ray worker: the model and texts read again from the settings, the published baseline
+    opened; the same :meth:`_Tuner.measure_uniform` a sequential run calls."""
+    from ..cluster import record_attempt
+
+    record_attempt(attempts, fmt)
+    return _Tuner(s, [], baseline_path).measure_uniform(fmt)
 
 
 def _raise_further(table: dict[str, list[Option]], plan: dict[str, Option], gap: float) -> dict[str, Option] | None:
@@ -136,6 +186,7 @@ def autotune(s: AutotuneSettings, out: Path, force: bool = False) -> dict:
     s.check()  # every flag, before any slow work
     limits = s.limits()
     check_out_dir(out, force, OUTPUTS)
+    s.use_shared_dir()  # with --ray: the baseline is published where every worker reads it
     tuner = _Tuner(s, limits)  # the model and texts: checked before --out is touched
     with output_dir(out, force, outputs=OUTPUTS) as work:
         result, summaries = _tune(s, tuner, limits, started)
@@ -145,11 +196,11 @@ def autotune(s: AutotuneSettings, out: Path, force: bool = False) -> dict:
 
 def _tune(s: AutotuneSettings, tuner: _Tuner, limits: list[Limit], started: float) -> tuple[dict, dict]:
     """The search and its verification (module docstring): the result and each uniform format's summary."""
-    cands, summaries = tuner.uniform()
+    uniforms = tuner.uniform()
+    cands = Candidates(tuner.base, tuner.units, {f: u.parts for f, u in uniforms.items() if u.parts is not None})
+    summaries = {f: u.summary for f, u in uniforms.items()}
     fixed = cands.fixed_bytes()
-    console.print(f"sensitivity of {len(tuner.units)} units in {len(s.ladder)} formats "
-                  f"on {s.sensitivity_windows} window(s)")
-    table = cands.table(s.ladder, tuner.eval.subset(s.sensitivity_windows))
+    table = cands.table(s.ladder, {f: u.sensitivity for f, u in uniforms.items()})
     by_format = {(u, o.format): o for u, opts in table.items() for o in opts}
 
     uniform = []
@@ -245,6 +296,8 @@ def _tune(s: AutotuneSettings, tuner: _Tuner, limits: list[Limit], started: floa
         "settings": asdict(s),
         "seconds": time.perf_counter() - started,
     }
+    if tuner.distributed is not None:
+        result["ray"] = tuner.distributed
     return result, summaries
 
 

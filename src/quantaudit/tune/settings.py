@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..cluster import ClusterSettings
 from ..errors import UserError
 from ..measure.budget import METRICS, Limit, parse_budget
 from ..quant.formats import get_format
@@ -13,7 +14,7 @@ NONE = "none"  # 16-bit: the format that leaves a layer unquantized
 
 
 @dataclass
-class AutotuneSettings(EvalSettings):
+class AutotuneSettings(EvalSettings, ClusterSettings):
     formats: list[str] = flag("--formats", ["int4_awq"], "most aggressive format(s) every layer starts from, "
                               "comma-separated (default: %(default)s)")
     fallback: list[str] = flag("--fallback", ["fp8", NONE], "formats a layer may be raised to, comma-separated; none "
